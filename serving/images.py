@@ -1,0 +1,40 @@
+"""Image decoding and resizing shared by training and serving (Pillow and NumPy only, no torch).
+
+Training builds its tensors with these functions and serving feeds the ONNX models with them,
+so the resize rule recorded in a model's metadata is applied by the very same code on both sides.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB from any Pillow image: EXIF orientation applied; grayscale, palette,
+    RGBA/LA (composited on white), CMYK and 16-bit modes converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode a file path or encoded bytes to upright RGB (first frame of animations)."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image.load()
+    return to_rgb(image)
+
+
+def stretch(image: Image.Image, width: int, height: int, resize: str = "bilinear") -> np.ndarray:
+    """Resize ignoring aspect ratio (the lab's "stretch") and return uint8 CHW."""
+    resized = image.resize((width, height), RESIZE_FILTERS[resize])
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))

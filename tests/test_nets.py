@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from training.nets import build_classifier, count_parameters, get_model, list_models, model_options
+from training.nets.classifier import InputNormalization
+from training.nets.cnn import check_hdc, receptive_field
+from training.nets.resnet import BasicBlock
+
+
+@pytest.mark.parametrize("name", list_models("classify"))
+@pytest.mark.parametrize("size", [64, 96])
+def test_every_classifier_gives_one_logit_per_class(name, size):
+    model = build_classifier(name, 3, (size, size)).eval()
+    x = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+    assert count_parameters(model) > 0
+
+
+def test_alexnet_adapts_to_a_large_input():
+    model = build_classifier("alexnet", 5, (192, 160)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 192, 160)).shape == (1, 5)
+
+
+def test_resnet18_and_plain18_share_depth_and_differ_only_by_shortcuts():
+    res, plain = get_model("resnet18"), get_model("plain18")
+    convs = lambda m: [c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1)]  # noqa: E731
+    assert len(convs(res)) == len(convs(plain)) == 17  # + the linear layer = 18 weighted layers
+    shortcuts = [b.shortcut for b in res.modules() if isinstance(b, BasicBlock)]
+    assert sum(isinstance(s, torch.nn.Sequential) for s in shortcuts) == 3  # 1x1 projections where shape changes
+    assert count_parameters(res) - count_parameters(plain) == sum(count_parameters(s) for s in shortcuts)
+
+
+def test_hdc_accepts_the_lab_rates_and_rejects_gridding():
+    check_hdc([1, 2, 5])
+    with pytest.raises(ValueError, match="common factor 2"):
+        check_hdc([2, 4, 6])
+    with pytest.raises(ValueError, match="M_2"):
+        check_hdc([1, 2, 9])
+    with pytest.raises(ValueError, match="common factor 2"):
+        get_model("dilated_cnn", rates=(2, 2, 2))
+    get_model("dilated_cnn", rates=(2, 2, 2), enforce_hdc=False)  # admitted for the comparison
+    assert receptive_field([1, 2, 5]) == 17 and receptive_field([1, 1, 1]) == 7
+
+
+def test_registry_names_the_problem():
+    with pytest.raises(ValueError, match="unknown network 'resnet19'"):
+        get_model("resnet19")
+    with pytest.raises(ValueError, match="no option"):
+        get_model("cnn", depth=3, colour=True)
+    assert "depth" in model_options("cnn")
+
+
+def test_per_image_normalisation_ignores_exposure():
+    norm = InputNormalization("per-image")
+    x = torch.rand(1, 3, 8, 8) * 200
+    torch.testing.assert_close(norm(x), norm(x * 0.3), atol=1e-2, rtol=1e-2)
+    assert not torch.allclose(InputNormalization("scale")(x), InputNormalization("scale")(x * 0.3))

@@ -1,0 +1,56 @@
+import json
+import subprocess
+import sys
+
+import mlflow
+import torch
+
+from conftest import SAMPLE
+from training.config import ClassifyConfig
+from training.engine import train_classifier
+
+EXPECTED_EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1",
+                          "epoch_seconds", "lr", "val_accuracy", "val_night_accuracy"}
+
+
+def tiny_config(tmp_path, **overrides) -> ClassifyConfig:
+    options = dict(data=str(SAMPLE / "vehicles"), net="cnn", net_options={"depth": 2, "width": 8}, image_size=32,
+                   epochs=1, batch_size=8, val_fraction=0.2, checkpoint_dir=str(tmp_path / "ckpt"),
+                   experiment="test-classify", log_model=False)
+    options.update(overrides)
+    return ClassifyConfig(**options)
+
+
+def test_one_epoch_leaves_a_complete_mlflow_run(tmp_path, mlflow_store):
+    result = train_classifier(tiny_config(tmp_path))
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert EXPECTED_EPOCH_METRICS <= set(run.data.metrics)
+    assert {"test_accuracy_dark", "test_f1_car", "total_seconds"} <= set(run.data.metrics)
+    assert run.data.params["net"] == "cnn" and run.data.params["net.depth"] == "2"
+    assert run.data.params["data.test"] == "6"  # 20% of 12 per class
+    artifacts = {a.path for d in ("plots", "checkpoint", "metrics", "data")
+                 for a in mlflow.MlflowClient().list_artifacts(result.run_id, d)}
+    assert {"plots/confusion_matrix.png", "plots/curves.png", "plots/misclassified.png", "checkpoint/weights.pt",
+            "checkpoint/config.json", "metrics/test_report.json", "data/excluded.tsv"} <= artifacts
+    config = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/checkpoint/config.json"))
+    assert config["classes"] == ["bus", "car", "truck"]
+
+
+def test_resume_continues_the_same_run(tmp_path, mlflow_store):
+    first = train_classifier(tiny_config(tmp_path, epochs=1))
+    state = torch.load(first.checkpoint, weights_only=True)
+    assert state["epoch"] == 1
+    # extend the schedule by one epoch and continue from the checkpoint
+    resumed = train_classifier(tiny_config(tmp_path, epochs=2, resume=str(first.checkpoint), schedule="constant"))
+    assert resumed.run_id == first.run_id
+    history = mlflow.MlflowClient().get_metric_history(first.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_cli_names_a_bad_data_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "train", "classify", "--data", str(missing)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"vehicle data folder {missing} does not exist" in proc.stderr

@@ -1,0 +1,93 @@
+import shutil
+
+import pytest
+
+from conftest import SAMPLE, FULL_DATA, needs_full_data
+from training.data.vehicles import DataError, carve_validation, list_images, split_vehicles
+
+
+def test_tail_split_takes_the_last_names_of_each_class():
+    split = split_vehicles(SAMPLE / "vehicles", test_fraction=0.25)
+    for label, name in enumerate(split.classes):
+        files = list_images(SAMPLE / "vehicles" / name)
+        test = [s.path for s in split.test if s.label == label]
+        assert test == files[-3:]  # 25% of 12
+    assert split.summary()["train"] + split.summary()["test"] == 36
+
+
+def test_random_split_is_seeded_and_keeps_per_class_counts():
+    a = split_vehicles(SAMPLE / "vehicles", split="random", seed=1)
+    b = split_vehicles(SAMPLE / "vehicles", split="random", seed=1)
+    c = split_vehicles(SAMPLE / "vehicles", split="random", seed=2)
+    tail = split_vehicles(SAMPLE / "vehicles")
+    assert a.test == b.test and a.test != c.test
+    assert a.summary() == tail.summary()
+    assert {s.path for s in a.train}.isdisjoint({s.path for s in a.test})
+
+
+def test_test_fraction_outside_the_labs_range_is_refused():
+    with pytest.raises(ValueError, match="0.2-0.3"):
+        split_vehicles(SAMPLE / "vehicles", test_fraction=0.5)
+
+
+@pytest.fixture
+def vehicle_copy(tmp_path):
+    root = tmp_path / "vehicles"
+    shutil.copytree(SAMPLE / "vehicles", root)
+    return root
+
+
+def test_duplicate_policy(vehicle_copy):
+    bus = list_images(vehicle_copy / "bus")
+    car = list_images(vehicle_copy / "car")
+    # bus[0]'s bytes also filed as a car (conflict), and car[0] repeated within its class at the tail
+    shutil.copy(bus[0], vehicle_copy / "car" / "car999.jpg")
+    shutil.copy(car[0], vehicle_copy / "car" / "car998.jpg")
+    split = split_vehicles(vehicle_copy)
+    kept = {s.path.name for s in split.train + split.test}
+    assert bus[0].name not in kept and "car999.jpg" not in kept  # conflicting labels: both sides dropped
+    assert car[0].name in kept and "car998.jpg" not in kept  # same label: first kept once
+    reasons = dict((p.name, why) for p, why in split.excluded)
+    assert "conflicting labels" in reasons["car999.jpg"] and "kept once" in reasons["car998.jpg"]
+    assert len(split.excluded) == 3
+
+
+def test_non_images_are_skipped_and_the_course_nesting_is_found(tmp_path):
+    nested = tmp_path / "实验3数据包" / "车辆分类数据集"
+    shutil.copytree(SAMPLE / "vehicles", nested)
+    (nested / "bus" / "desktop.ini").write_text("[.ShellClassInfo]")
+    split = split_vehicles(tmp_path / "实验3数据包")
+    assert len(split.train) + len(split.test) == 36
+    assert not any(s.path.suffix == ".ini" for s in split.train + split.test)
+
+
+def test_bad_paths_say_which_path_and_why(tmp_path):
+    with pytest.raises(DataError, match=f"{tmp_path / 'missing'} does not exist"):
+        split_vehicles(tmp_path / "missing")
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="is a file"):
+        split_vehicles(tmp_path / "file.jpg")
+    (tmp_path / "empty" / "bus").mkdir(parents=True)
+    with pytest.raises(DataError, match="no bus/car/truck sub-folders"):
+        split_vehicles(tmp_path / "empty")
+    for c in ("car", "truck"):
+        (tmp_path / "empty" / c).mkdir()
+    with pytest.raises(DataError, match=r"empty/bus holds no images"):
+        split_vehicles(tmp_path / "empty")
+
+
+def test_validation_is_the_tail_of_the_training_part():
+    split = split_vehicles(SAMPLE / "vehicles")
+    fit, val = carve_validation(split.train, 0.2, 3)
+    assert len(fit) + len(val) == len(split.train) and len(val) == 6
+    for label in range(3):
+        names = [s.path.name for s in split.train if s.label == label]
+        assert [s.path.name for s in val if s.label == label] == names[-2:]
+
+
+@needs_full_data
+def test_full_vehicle_split_matches_the_documented_counts():
+    split = split_vehicles(FULL_DATA / "vehicles")
+    assert split.summary() == {"train": 1074, "test": 270, "excluded": 13, "train_bus": 169, "train_car": 620,
+                               "train_truck": 285, "test_bus": 44, "test_car": 154, "test_truck": 72}
+    assert sum("conflicting" in why for _, why in split.excluded) == 10

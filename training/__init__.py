@@ -1,0 +1,1 @@
+"""roadsight training: datasets, networks, training engine, MLflow tracking and ONNX export."""

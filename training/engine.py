@@ -1,0 +1,225 @@
+"""Training engine: plain ``train_one_epoch`` / ``evaluate`` functions and ``train_classifier``,
+which wires data, network, optimiser, checkpoints and MLflow together for one run."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from . import tracking
+from .config import ClassifyConfig
+from .data.augment import BatchAugment, night_view
+from .data.vehicles import carve_validation, load_images, split_vehicles
+from .metrics import classification_report, confusion_matrix
+from .nets import build_classifier, count_parameters
+
+log = logging.getLogger(__name__)
+
+DARK_LUMINANCE = 80  # mean 8-bit luma under which a test image counts as a night shot
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    return (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
+
+
+def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, device: torch.device,
+                    augment: nn.Module, label_smoothing: float = 0.0, ema: AveragedModel | None = None,
+                    desc: str = "train") -> dict[str, float]:
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        images, labels = augment(images.to(device)), labels.to(device)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
+             device: torch.device, prefix: str = "test") -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy, macro-F1 and per-class scores with ``prefix``; also the predictions."""
+    logits = predict_logits(model, images, device)
+    predictions = logits.argmax(1).numpy()
+    report = classification_report(confusion_matrix(labels.numpy(), predictions, len(classes)), classes)
+    report["loss"] = F.cross_entropy(logits, labels).item()
+    return {f"{prefix}_{k}": v for k, v in report.items()}, predictions
+
+
+@dataclass
+class ClassifyResult:
+    run_id: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    model: nn.Module
+    checkpoint: Path
+
+
+def _tensors(samples, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_images(samples, (size, size))
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResult:
+    """Train one classifier as one MLflow run; checkpoints every epoch; resumable."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    generator = seed_everything(cfg.seed)
+    split = split_vehicles(cfg.data, cfg.test_fraction, cfg.split, cfg.seed)
+    fit_samples, val_samples = carve_validation(split.train, cfg.val_fraction, len(split.classes))
+    train_x, train_y = _tensors(fit_samples, cfg.image_size)
+    test_x, test_y = _tensors(split.test, cfg.image_size)
+    val_x, val_y = _tensors(val_samples, cfg.image_size) if val_samples else (None, None)
+
+    model = build_classifier(cfg.net, len(split.classes), (cfg.image_size, cfg.image_size), cfg.normalization,
+                             **(cfg.net_options or {})).to(device)
+    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=True,
+                        drop_last=len(train_y) > cfg.batch_size, generator=generator)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(loader))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+    augment = BatchAugment(cfg.augment)
+
+    start_epoch, history, run_id = 0, [], None
+    if cfg.resume:
+        state = torch.load(cfg.resume, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
+        log.info("resuming %s at epoch %d (MLflow run %s)", cfg.resume, start_epoch + 1, run_id)
+
+    with tracking.tracked_run(cfg.experiment, cfg.run_name or cfg.net, run_id=run_id, nested=nested,
+                              tags={"task": "classify", "net": cfg.net}) as run:
+        checkpoint = Path(cfg.checkpoint_dir) / run.info.run_id / "last.pt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        if run_id is None:
+            tracking.log_params({**cfg.params(), "parameters": count_parameters(model), "device": str(device),
+                                 "classes": split.classes, **{f"data.{k}": v for k, v in split.summary().items()}})
+            mlflow.log_text("\n".join(f"{p}\t{why}" for p, why in split.excluded) or "none", "data/excluded.tsv")
+        evaluated = ema.module if ema is not None else model
+        started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
+        for epoch in range(start_epoch, cfg.epochs):
+            tick = time.perf_counter()
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row.update(train_one_epoch(model, loader, optimizer, scheduler, device, augment, cfg.label_smoothing,
+                                       ema, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
+            row["epoch_seconds"] = time.perf_counter() - tick
+            row.update(evaluate(evaluated, test_x, test_y, split.classes, device)[0])
+            if val_x is not None:
+                row.update(evaluate(evaluated, val_x, val_y, split.classes, device, "val")[0])
+                row.update(evaluate(evaluated, night_view(val_x), val_y, split.classes, device, "val_night")[0])
+            history.append(row)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                        "epoch": epoch + 1, "history": history, "run_id": run.info.run_id}, checkpoint)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                            if k in ("train_loss", "test_accuracy", "test_macro_f1", "epoch_seconds")))
+        final, predictions = evaluate(evaluated, test_x, test_y, split.classes, device)
+        final.update(_shift_metrics(test_x, test_y, predictions))
+        final["total_seconds"] = time.perf_counter() - started
+        mlflow.log_metrics(final)
+        _log_artifacts(cfg, evaluated, split, test_x, test_y, predictions, history)
+    return ClassifyResult(run.info.run_id, final, history, evaluated, checkpoint)
+
+
+def _shift_metrics(images: torch.Tensor, labels: torch.Tensor, predictions: np.ndarray) -> dict[str, float]:
+    """Accuracy on dark (night) and bright test images: the tail split's domain shift."""
+    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).mean(dim=(1, 2))
+    dark = (luma < DARK_LUMINANCE).numpy()
+    correct = predictions == labels.numpy()
+    out = {"test_dark_count": float(dark.sum())}
+    for name, mask in (("dark", dark), ("bright", ~dark)):
+        if mask.any():
+            out[f"test_accuracy_{name}"] = float(correct[mask].mean())
+    return out
+
+
+def _log_artifacts(cfg: ClassifyConfig, model: nn.Module, split, test_x: torch.Tensor, test_y: torch.Tensor,
+                   predictions: np.ndarray, history: list[dict[str, float]]) -> None:
+    classes = split.classes
+    cm = confusion_matrix(test_y.numpy(), predictions, len(classes))
+    tracking.log_figure(tracking.confusion_figure(cm, classes), "plots/confusion_matrix.png")
+    tracking.log_figure(tracking.curves_figure(history, {
+        "loss": ["train_loss", "test_loss", "val_loss"],
+        "accuracy": ["train_accuracy", "test_accuracy", "val_accuracy", "val_night_accuracy"],
+        "macro-F1": ["test_macro_f1", "val_macro_f1"]}), "plots/curves.png")
+    wrong = np.flatnonzero(predictions != test_y.numpy())[:32]
+    tracking.log_figure(tracking.image_grid_figure(
+        [test_x[i].numpy() for i in wrong],
+        [f"{split.test[i].path.name}\n{classes[test_y[i]]}->{classes[predictions[i]]}" for i in wrong]),
+        "plots/misclassified.png")
+    mlflow.log_dict({"classes": list(classes), "confusion_matrix": cm.tolist(),
+                     "report": classification_report(cm, classes)}, "metrics/test_report.json")
+    # Weights and the options to rebuild them: what `roadsight export` loads (no pickle involved).
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        (tmp / "config.json").write_text(json.dumps({**asdict(cfg), "classes": list(classes)}, indent=2))
+        mlflow.log_artifacts(str(tmp), "checkpoint")
+    if cfg.log_model:
+        example = test_x[:2].numpy()
+        mlflow.pytorch.log_model(model.cpu().eval(), name="model", input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+

@@ -1,0 +1,23 @@
+"""Classification metrics from a confusion matrix (NumPy only, so the ONNX evaluator shares them)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    return np.bincount(num_classes * np.asarray(labels) + np.asarray(predictions),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def classification_report(cm: np.ndarray, classes: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """Accuracy, macro-F1 and per-class precision/recall/F1 (a class never predicted has precision 0)."""
+    tp = np.diag(cm).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / cm.sum(axis=0))
+        recall = np.nan_to_num(tp / cm.sum(axis=1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    report = {"accuracy": float(tp.sum() / max(cm.sum(), 1)), "macro_f1": float(f1.mean())}
+    for i, c in enumerate(classes):
+        report.update({f"precision_{c}": float(precision[i]), f"recall_{c}": float(recall[i]), f"f1_{c}": float(f1[i])})
+    return report

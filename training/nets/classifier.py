@@ -1,0 +1,61 @@
+"""The deployable classifier: raw uint8 RGB in, logits out, normalisation inside the graph.
+
+Keeping the normalisation in the module (and so in the exported ONNX graph) means serving only
+has to stretch the image to the contract's size; no mean/std constants live outside the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .registry import get_model, model_options
+
+NORMALIZATIONS = ("per-image", "scale")
+
+
+class InputNormalization(nn.Module):
+    """Maps uint8-range images to network inputs.
+
+    ``per-image``: standardise each image by its own mean and standard deviation over all pixels
+    and channels. It removes global exposure and contrast, so a night shot and a day shot of the
+    same vehicle start closer together (the tail split's test cars are mostly night shots), while
+    colour ratios survive. ``scale``: x / 255, the naive choice, kept for comparison.
+    """
+
+    def __init__(self, mode: str = "per-image"):
+        super().__init__()
+        if mode not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0
+        if self.mode == "scale":
+            return x
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-3)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class ImageClassifier(nn.Module):
+    """``InputNormalization`` followed by a registered backbone."""
+
+    def __init__(self, backbone: nn.Module, normalization: str):
+        super().__init__()
+        self.normalize = InputNormalization(normalization)
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(images))
+
+
+def build_classifier(net: str, num_classes: int, image_size: tuple[int, int], normalization: str = "per-image",
+                     **net_options) -> ImageClassifier:
+    """Build network ``net`` by name; ``image_size`` reaches the nets whose layers depend on it."""
+    options = dict(net_options, num_classes=num_classes)
+    if "image_size" in model_options(net):
+        options["image_size"] = tuple(image_size)
+    return ImageClassifier(get_model(net, **options), normalization)

@@ -1,0 +1,102 @@
+"""MLflow tracking: where runs go, how runs end, and the plots every run logs.
+
+With no ``MLFLOW_TRACKING_URI`` MLflow 3 uses ``sqlite:///mlflow.db`` with artifacts under
+``./mlruns`` of the working directory, which is exactly what a plain ``mlflow ui`` started in
+the same directory reads; so runs started from the repo root show up there with no setup.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1", "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                 "DO_NOT_TRACK": "1"}
+
+
+def disable_telemetry() -> None:
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None = None,
+                nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, KILLED on Ctrl-C, FAILED on any other error.
+
+    ``run_id`` continues an earlier run (``--resume``) instead of starting a new one.
+    """
+    disable_telemetry()
+    if run_id is None:
+        mlflow.set_experiment(experiment)
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def log_params(params: dict[str, object]) -> None:
+    """Log parameters, flattening sequences to text (MLflow params are strings)."""
+    mlflow.log_params({k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()})
+
+
+def curves_figure(history: Sequence[dict[str, float]], panels: dict[str, Sequence[str]]):
+    """One panel per entry of ``panels`` (title -> metric keys), each metric against epoch."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            if all(key in h for h in history):
+                ax.plot(epochs, [h[key] for h in history], marker=".", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, classes: Sequence[str]):
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid_figure(images: Sequence[np.ndarray], titles: Sequence[str], columns: int = 8, size: float = 1.6):
+    """Images (HWC uint8 or CHW uint8) in a grid with a title each; an empty grid says so."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * size, rows * (size + 0.3)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(image.transpose(1, 2, 0) if image.shape[0] == 3 else image)
+        ax.set_title(title, fontsize=7)
+    if not images:
+        axes[0, 0].text(0, 0.5, "none", fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def log_figure(fig, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
