@@ -30,3 +30,14 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     yield uri
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def tiny_config(tmp_path, **overrides):
+    """A classifier run small enough for a test: two narrow conv layers, 32 px, one epoch."""
+    from training.config import ClassifyConfig
+
+    options = dict(data=str(SAMPLE / "vehicles"), net="cnn", net_options={"depth": 2, "width": 8}, image_size=32,
+                   epochs=1, batch_size=8, val_fraction=0.2, checkpoint_dir=str(tmp_path / "ckpt"),
+                   experiment="test-classify", log_model=False)
+    options.update(overrides)
+    return ClassifyConfig(**options)

@@ -5,20 +5,11 @@ import sys
 import mlflow
 import torch
 
-from conftest import SAMPLE
-from training.config import ClassifyConfig
+from conftest import tiny_config
 from training.engine import train_classifier
 
 EXPECTED_EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1",
                           "epoch_seconds", "lr", "val_accuracy", "val_night_accuracy"}
-
-
-def tiny_config(tmp_path, **overrides) -> ClassifyConfig:
-    options = dict(data=str(SAMPLE / "vehicles"), net="cnn", net_options={"depth": 2, "width": 8}, image_size=32,
-                   epochs=1, batch_size=8, val_fraction=0.2, checkpoint_dir=str(tmp_path / "ckpt"),
-                   experiment="test-classify", log_model=False)
-    options.update(overrides)
-    return ClassifyConfig(**options)
 
 
 def test_one_epoch_leaves_a_complete_mlflow_run(tmp_path, mlflow_store):

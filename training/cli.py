@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 
 from .tracking import disable_telemetry
 
@@ -65,6 +66,25 @@ def cmd_train_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import export
+
+    exporter = export.export_classifier if args.task == "classify" else export.export_dehazer
+    json_path = exporter(args.run, Path(args.out), data=args.data, alias=args.alias, register=args.register)
+    contract = json.loads(json_path.read_text())
+    print(f"wrote {json_path.with_suffix('.onnx')} and {json_path} (sha256 {contract['sha256'][:12]}...); "
+          f"registered as {contract['source'].get('model_uri', '-')}")
+    print(json.dumps(contract["metrics"], indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_onnx
+
+    print(json.dumps(evaluate_onnx(args.model, args.data, args.test_fraction), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import ClassifyConfig
 
@@ -82,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(classify, ClassifyConfig)
     classify.set_defaults(handler=cmd_train_classify)
+
+    export = commands.add_parser("export", help="export a run to the ONNX contract in models/ (checked, registered)")
+    export.add_argument("task", choices=("classify", "dehaze"))
+    export.add_argument("--run", required=True, help="MLflow run id, runs:/<id> or models:/name@alias")
+    export.add_argument("--out", default="models", help="output folder")
+    export.add_argument("--data", help="dataset for the parity check and metrics (default: the run's own)")
+    export.add_argument("--alias", default="champion", help="registered-model alias to point at the export")
+    export.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
+                        help="log the ONNX model to the run and register it in MLflow")
+    export.set_defaults(handler=cmd_export)
+
+    evaluate = commands.add_parser("evaluate", help="score an ONNX model through its JSON contract (no torch)")
+    evaluate.add_argument("model", help="models/<name>.onnx or its .json")
+    evaluate.add_argument("--data", required=True, help="dataset folder (vehicles or dehaze pairs)")
+    evaluate.add_argument("--test-fraction", type=float, default=0.2, help="the tail split's test share")
+    evaluate.set_defaults(handler=cmd_evaluate)
     return parser
 
 
@@ -89,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "PIL"):
+    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted: the MLflow run is marked KILLED; continue with --resume <checkpoint>", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"roadsight: error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,12 +24,10 @@ from . import tracking
 from .config import ClassifyConfig
 from .data.augment import BatchAugment, night_view
 from .data.vehicles import carve_validation, load_images, split_vehicles
-from .metrics import classification_report, confusion_matrix
+from .metrics import accuracy_by_lighting, classification_report, confusion_matrix
 from .nets import build_classifier, count_parameters
 
 log = logging.getLogger(__name__)
-
-DARK_LUMINANCE = 80  # mean 8-bit luma under which a test image counts as a night shot
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,23 +175,11 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                             if k in ("train_loss", "test_accuracy", "test_macro_f1", "epoch_seconds")))
         final, predictions = evaluate(evaluated, test_x, test_y, split.classes, device)
-        final.update(_shift_metrics(test_x, test_y, predictions))
+        final.update({f"test_{k}": v for k, v in accuracy_by_lighting(test_x.numpy(), test_y.numpy(), predictions).items()})
         final["total_seconds"] = time.perf_counter() - started
         mlflow.log_metrics(final)
         _log_artifacts(cfg, evaluated, split, test_x, test_y, predictions, history)
     return ClassifyResult(run.info.run_id, final, history, evaluated, checkpoint)
-
-
-def _shift_metrics(images: torch.Tensor, labels: torch.Tensor, predictions: np.ndarray) -> dict[str, float]:
-    """Accuracy on dark (night) and bright test images: the tail split's domain shift."""
-    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).mean(dim=(1, 2))
-    dark = (luma < DARK_LUMINANCE).numpy()
-    correct = predictions == labels.numpy()
-    out = {"test_dark_count": float(dark.sum())}
-    for name, mask in (("dark", dark), ("bright", ~dark)):
-        if mask.any():
-            out[f"test_accuracy_{name}"] = float(correct[mask].mean())
-    return out
 
 
 def _log_artifacts(cfg: ClassifyConfig, model: nn.Module, split, test_x: torch.Tensor, test_y: torch.Tensor,

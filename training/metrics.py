@@ -21,3 +21,23 @@ def classification_report(cm: np.ndarray, classes: tuple[str, ...] | list[str]) 
     for i, c in enumerate(classes):
         report.update({f"precision_{c}": float(precision[i]), f"recall_{c}": float(recall[i]), f"f1_{c}": float(f1[i])})
     return report
+
+
+DARK_LUMINANCE = 80  # mean 8-bit luma under which an image counts as a night shot
+
+
+def dark_mask(images: np.ndarray) -> np.ndarray:
+    """Night shots among uint8 (N, 3, H, W) images: mean Rec.601 luma below ``DARK_LUMINANCE``."""
+    luma = np.tensordot(np.asarray(images, dtype=np.float32), np.array([0.299, 0.587, 0.114], np.float32), axes=([1], [0]))
+    return luma.mean(axis=(1, 2)) < DARK_LUMINANCE
+
+
+def accuracy_by_lighting(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
+    """Accuracy on dark (night) and bright test images: the tail split's domain shift, measured."""
+    dark = dark_mask(images)
+    correct = np.asarray(predictions) == np.asarray(labels)
+    out = {"dark_count": float(dark.sum())}
+    for name, mask in (("dark", dark), ("bright", ~dark)):
+        if mask.any():
+            out[f"accuracy_{name}"] = float(correct[mask].mean())
+    return out

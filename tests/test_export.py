@@ -1,0 +1,64 @@
+import json
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import REPO, SAMPLE, tiny_config
+from training.evaluate import evaluate_onnx
+from training.export import ExportError, export_classifier, resolve_run_id, sha256_of
+from training.engine import train_classifier
+
+
+@pytest.fixture
+def exported_classifier(tmp_path, mlflow_store):
+    run = train_classifier(tiny_config(tmp_path, val_fraction=0.0))
+    json_path = export_classifier(run.run_id, tmp_path / "models", data=str(SAMPLE / "vehicles"))
+    return run, json_path
+
+
+def test_classifier_export_round_trip(exported_classifier):
+    run, json_path = exported_classifier
+    contract = json.loads(json_path.read_text())
+    onnx_path = json_path.with_suffix(".onnx")
+    assert contract["schema"] == "roadsight.model/1" and contract["task"] == "classify"
+    assert contract["labels"] == ["bus", "car", "truck"]
+    assert contract["input"] == {"name": "images", "dtype": "uint8", "layout": "NCHW", "color": "RGB", "height": 32,
+                                 "width": 32, "resize": "stretch", "filter": "bilinear"}
+    assert contract["sha256"] == sha256_of(onnx_path)
+    assert contract["parity"]["max_abs_probability_difference"] <= 1e-4
+    assert contract["source"]["mlflow_run_id"] == run.run_id
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).integers(0, 256, (batch, 3, 32, 32), dtype=np.uint8)
+        (probabilities,) = session.run(None, {"images": x})
+        assert probabilities.shape == (batch, 3) and probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    # the ONNX file, read through its contract alone, scores what training scored
+    assert contract["metrics"]["accuracy"] == pytest.approx(run.metrics["test_accuracy"])
+    assert evaluate_onnx(json_path, str(SAMPLE / "vehicles"))["macro_f1"] == pytest.approx(run.metrics["test_macro_f1"])
+
+
+def test_export_registers_the_onnx_model_with_the_champion_alias(exported_classifier):
+    run, json_path = exported_classifier
+    uri = json.loads(json_path.read_text())["source"]["model_uri"]
+    assert uri == "models:/vehicle-classifier/1"
+    assert resolve_run_id("models:/vehicle-classifier@champion") == run.run_id
+    model = mlflow.onnx.load_model(uri)
+    assert [i.name for i in model.graph.input] == ["images"]
+
+
+def test_export_of_an_unknown_run_names_it(tmp_path, mlflow_store):
+    with pytest.raises(ExportError, match="run 0123abcd: cannot fetch its checkpoint"):
+        export_classifier("0123abcd", tmp_path)
+
+
+SHIPPED = sorted((REPO / "models").glob("*.json"))
+
+
+@pytest.mark.parametrize("json_path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_metadata_matches_its_onnx_file(json_path):
+    contract = json.loads(json_path.read_text())
+    assert contract["sha256"] == sha256_of(json_path.parent / contract["file"])
+    assert (json_path.parent / contract["file"]).stat().st_size <= 20 * 2**20

@@ -1,0 +1,57 @@
+"""Evaluate a shipped ONNX model through its contract alone (its JSON), never through torch.
+
+This is how the bars in the issues are measured: whatever the export did, the numbers come from
+onnxruntime fed exactly as a client following models/README.md would feed it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.images import open_rgb, stretch
+
+from .data.vehicles import split_vehicles
+from .metrics import accuracy_by_lighting, classification_report, confusion_matrix
+
+
+def load_contract(json_path: str | Path) -> tuple[dict, Path]:
+    json_path = Path(json_path)
+    if json_path.suffix == ".onnx":
+        json_path = json_path.with_suffix(".json")
+    if not json_path.is_file():
+        raise FileNotFoundError(f"model metadata {json_path} does not exist (expected beside the .onnx file)")
+    contract = json.loads(json_path.read_text())
+    return contract, json_path.parent / contract["file"]
+
+
+def evaluate_classifier_onnx(model: str | Path, data: str, test_fraction: float = 0.2, batch_size: int = 64) -> dict:
+    """Accuracy, macro-F1, per-class scores and night/day accuracy on the lab's tail split."""
+    contract, onnx_path = load_contract(model)
+    spec = contract["input"]
+    labels = tuple(contract["labels"])
+    split = split_vehicles(data, test_fraction, "tail", classes=labels)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    images = np.stack([stretch(open_rgb(s.path), spec["width"], spec["height"], spec["filter"]) for s in split.test])
+    truth = np.array([s.label for s in split.test])
+    probabilities = np.concatenate([session.run([contract["output"]["name"]], {spec["name"]: images[i : i + batch_size]})[0]
+                                    for i in range(0, len(images), batch_size)])
+    predictions = probabilities.argmax(1)
+    report = classification_report(confusion_matrix(truth, predictions, len(labels)), labels)
+    report.update(accuracy_by_lighting(images, truth, predictions))
+    report.update({"test_images": int(len(truth)), "split": f"tail {test_fraction:.0%} of each class by file name"})
+    return report
+
+
+def evaluate_onnx(model: str | Path, data: str, test_fraction: float = 0.2) -> dict:
+    """Dispatch on the contract's task."""
+    contract, _ = load_contract(model)
+    if contract["task"] == "classify":
+        return evaluate_classifier_onnx(model, data, test_fraction)
+    from .dehaze_eval import evaluate_dehazer_onnx
+
+    return evaluate_dehazer_onnx(model, data, test_fraction)

@@ -1,0 +1,190 @@
+"""Export trained runs to the ONNX contract in ``models/`` (see models/README.md).
+
+A run is named by its MLflow run id or a registered-model URI (``models:/name@alias`` or
+``models:/name/3``); its ``checkpoint/`` artifacts (weights + options) rebuild the network, so no
+pickle is ever loaded. Every export is checked (``onnx.checker`` full check, onnxruntime vs torch
+parity on real images) before the JSON is written; a failed check raises and writes nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import mlflow.onnx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from .tracking import disable_telemetry
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "roadsight.model/1"
+REGISTERED_NAMES = {"classify": "vehicle-classifier", "dehaze": "dehazer"}
+FILE_STEMS = {"classify": "vehicle_classifier", "dehaze": "dehazer"}
+PROBABILITY_TOLERANCE = 1e-4
+DEHAZE_PARITY_PSNR_DB = 50.0
+
+
+class ExportError(RuntimeError):
+    """An export that failed one of its checks; nothing was written."""
+
+
+@dataclass
+class RunCheckpoint:
+    run_id: str
+    config: dict
+    weights: dict[str, torch.Tensor]
+
+
+def resolve_run_id(source: str) -> str:
+    """A run id from a run id, ``runs:/<id>/...`` or a registered ``models:/name@alias|version`` URI."""
+    if source.startswith("runs:/"):
+        return source.split("/")[1]
+    if source.startswith("models:/"):
+        name, _, ref = source[len("models:/"):].partition("@")
+        client = mlflow.MlflowClient()
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        return version.run_id
+    return source
+
+
+def load_run_checkpoint(source: str) -> RunCheckpoint:
+    run_id = resolve_run_id(source)
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint"))
+    except Exception as exc:  # MLflow raises several types for unknown runs and missing artifacts
+        raise ExportError(f"run {source}: cannot fetch its checkpoint/ artifacts from {mlflow.get_tracking_uri()} "
+                          f"({exc})") from exc
+    config = json.loads((folder / "config.json").read_text())
+    weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
+    return RunCheckpoint(run_id, config, weights)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def onnx_to_file(model: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                 dynamic_dims: dict[int, object]) -> onnx.ModelProto:
+    """torch.export-based ONNX export with the given dynamic input dimensions, fully checked."""
+    program = torch.onnx.export(model.eval(), (example,), dynamo=True, external_data=False,
+                                input_names=[input_name], output_names=[output_name],
+                                dynamic_shapes=({i: d for i, d in dynamic_dims.items()},), verbose=False)
+    program.save(str(path), external_data=False)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def write_metadata(onnx_path: Path, metadata: dict) -> Path:
+    """The JSON beside the ONNX file, with the file's sha256 and the export time."""
+    metadata = {"schema": SCHEMA, **metadata, "file": onnx_path.name, "sha256": sha256_of(onnx_path),
+                "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    json_path = onnx_path.with_suffix(".json")
+    json_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+    return json_path
+
+
+def register_onnx(task: str, onnx_path: Path, run_id: str, alias: str | None) -> str:
+    """Log the ONNX file to its source run, register it and optionally point ``alias`` at it."""
+    disable_telemetry()
+    name = REGISTERED_NAMES[task]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx", registered_model_name=name,
+                                     pip_requirements=["onnxruntime-gpu==1.31.1", "onnx==1.23.2"],
+                                     onnx_execution_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                     save_as_external_data=False)
+    version = info.registered_model_version
+    if alias:
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, str(version))
+    return f"models:/{name}/{version}"
+
+
+class _Probabilities(nn.Module):
+    """The classifier as shipped: uint8 images in, softmax probabilities out."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(images), dim=1)
+
+
+def export_classifier(source: str, out_dir: Path, data: str | None = None, alias: str | None = "champion",
+                      register: bool = True) -> Path:
+    """Export a classification run to ``out_dir/vehicle_classifier.onnx`` + ``.json``.
+
+    ``data`` (the vehicle folder; default: the run's own) supplies the real test images for the
+    parity check and the metrics recorded in the JSON.
+    """
+    from .data.vehicles import load_images, split_vehicles
+    from .evaluate import evaluate_classifier_onnx
+    from .nets import build_classifier
+
+    ckpt = load_run_checkpoint(source)
+    cfg = ckpt.config
+    size = int(cfg["image_size"])
+    classes = cfg["classes"]
+    model = build_classifier(cfg["net"], len(classes), (size, size), cfg["normalization"], **(cfg.get("net_options") or {}))
+    model.load_state_dict(ckpt.weights)
+    wrapped = _Probabilities(model).eval()
+
+    data = data or cfg["data"]
+    split = split_vehicles(data, cfg["test_fraction"], cfg["split"], cfg["seed"])
+    images, _ = load_images(split.test, (size, size))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "vehicle_classifier.onnx"
+        proto = onnx_to_file(wrapped, torch.from_numpy(images[:2]), staged, "images", "probabilities",
+                             {0: torch.export.Dim("batch", min=1, max=4096)})
+        session = cpu_session(staged)
+        with torch.no_grad():
+            expected = wrapped(torch.from_numpy(images)).numpy()
+        got = np.concatenate([session.run(None, {"images": images[i : i + 64]})[0] for i in range(0, len(images), 64)])
+        worst = float(np.abs(got - expected).max())
+        if worst > PROBABILITY_TOLERANCE:
+            raise ExportError(f"ONNX probabilities differ from torch by {worst:.2e} > {PROBABILITY_TOLERANCE} "
+                              f"on {len(images)} test images")
+        log.info("parity: max |onnx - torch| = %.2e over %d test images", worst, len(images))
+        target = out_dir / staged.name
+        target.write_bytes(staged.read_bytes())
+    metadata = {
+        "task": "classify", "name": REGISTERED_NAMES["classify"], "opset": _opset(proto), "labels": classes,
+        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "color": "RGB", "height": size, "width": size,
+                  "resize": "stretch", "filter": "bilinear"},
+        "output": {"name": "probabilities", "dtype": "float32", "kind": "softmax"},
+        "parity": {"max_abs_probability_difference": worst, "images": len(images)},
+        "source": {"mlflow_run_id": ckpt.run_id, "net": cfg["net"], "net_options": cfg.get("net_options") or {},
+                   "training_config": cfg},
+    }
+    json_path = write_metadata(target, metadata)
+    metadata = json.loads(json_path.read_text())
+    metadata["metrics"] = evaluate_classifier_onnx(json_path, data, cfg["test_fraction"])
+    if register:
+        metadata["source"]["model_uri"] = register_onnx("classify", target, ckpt.run_id, alias)
+    json_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+    return json_path
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
