@@ -57,3 +57,13 @@ def test_per_image_normalisation_ignores_exposure():
     x = torch.rand(1, 3, 8, 8) * 200
     torch.testing.assert_close(norm(x), norm(x * 0.3), atol=1e-2, rtol=1e-2)
     assert not torch.allclose(InputNormalization("scale")(x), InputNormalization("scale")(x * 0.3))
+
+
+def test_equalize_normalisation_ignores_order_preserving_exposure_and_colour_casts():
+    torch.manual_seed(0)
+    x = torch.randint(0, 100, (2, 3, 12, 12)).float() * 2  # even values, so halving merges none
+    # a tint, as at night: red lifted, green kept, blue halved (each order-preserving per channel)
+    y = torch.stack([x[:, 0] + 50, x[:, 1], x[:, 2] / 2], dim=1)
+    norm = InputNormalization("equalize")
+    torch.testing.assert_close(norm(x), norm(y))
+    assert abs(norm(x).mean().item()) < 1e-5 and abs(norm(x).std().item() - 1) < 0.05

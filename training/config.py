@@ -18,7 +18,7 @@ class ClassifyConfig:
     net: str = opt("resnet18", "registered network name (see `roadsight nets`)")
     net_options: dict = opt(None, "network options as JSON, e.g. '{\"depth\": 5, \"kernel_size\": 5}'", json=True)
     image_size: int = opt(96, "images are stretched to this square size")
-    normalization: str = opt("per-image", "input normalisation inside the model", choices=("per-image", "scale"))
+    normalization: str = opt("per-image", "input normalisation inside the model", choices=("equalize", "per-image", "scale"))
     augment: str = opt("night", "augmentation preset", choices=("none", "basic", "color", "night"))
     epochs: int = opt(30, "training epochs")
     batch_size: int = opt(64, "batch size")
