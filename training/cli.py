@@ -85,6 +85,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import run_study
+
+    run_id = run_study(args.name, args.data, quick=args.quick, epochs=args.epochs)
+    print(f"study {args.name}: MLflow parent run {run_id} (experiment lab-studies)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    print(f"wrote {build_report(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import ClassifyConfig
 
@@ -118,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="dataset folder (vehicles or dehaze pairs)")
     evaluate.add_argument("--test-fraction", type=float, default=0.2, help="the tail split's test share")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    from .experiments import STUDIES
+
+    experiment = commands.add_parser("experiment", help="run one lab study as nested MLflow runs")
+    experiment.add_argument("name", choices=list(STUDIES))
+    experiment.add_argument("--quick", action="store_true", help="tiny images, one epoch: a smoke run of minutes")
+    experiment.add_argument("--data", default="../shared/data/vehicles", help="vehicle folder")
+    experiment.add_argument("--epochs", type=int, help="override the study's epochs")
+    experiment.set_defaults(handler=cmd_experiment)
+
+    report = commands.add_parser("report", help="build the lab report (HTML + Markdown) from the MLflow store")
+    report.add_argument("--out", default="report", help="output folder")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -97,6 +97,26 @@ def image_grid_figure(images: Sequence[np.ndarray], titles: Sequence[str], colum
     return fig
 
 
+def overlay_figure(histories: Sequence[tuple[str, Sequence[dict[str, float]]]], keys: Sequence[str]):
+    """One panel per metric key, one line per labelled run history: runs compared side by side."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, history in histories:
+            points = [(h["epoch"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig) -> None:
+    plt.close(fig)
+
+
 def log_figure(fig, path: str) -> None:
     mlflow.log_figure(fig, path)
-    plt.close(fig)
+    close(fig)

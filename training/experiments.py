@@ -1,0 +1,160 @@
+"""The lab's studies, one command each: an MLflow parent run per study, one child per setting.
+
+``--quick`` shrinks every study (tiny images, one epoch) to a smoke run of minutes; the full
+settings are what the report shows. Conclusions are generated from the measured numbers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlflow
+import torch
+import torch.nn.functional as F
+
+from . import tracking
+from .config import ClassifyConfig
+from .data.vehicles import load_images, split_vehicles
+from .engine import train_classifier
+from .nets import model_options
+from .nets.cnn import receptive_field
+from .nets.handwritten import HandConv2d, LoopConv2d
+
+STUDY_EXPERIMENT = "lab-studies"
+
+
+@dataclass
+class Study:
+    name: str
+    question: str
+    settings: list[tuple[str, dict]]
+    conclude: Callable[[list[dict]], str]
+    measure: Callable[[ClassifyConfig], dict[str, float]] | None = None  # extra parent-run measurements
+    notes: dict[str, str] = field(default_factory=dict)  # per-setting remarks shown in the report
+    uses_recipe: bool = False  # settings start from the default recipe instead of the lab's CNN setting
+
+
+def _best_worst(rows: list[dict], key: str = "test_accuracy") -> str:
+    ranked = sorted(rows, key=lambda r: r[key], reverse=True)
+    best, worst = ranked[0], ranked[-1]
+    return (f"Best: **{best['setting']}** ({key} {best[key]:.3f}, {best['total_seconds']:.0f} s); "
+            f"worst: **{worst['setting']}** ({worst[key]:.3f}, {worst['total_seconds']:.0f} s).")
+
+
+def _pair(rows: list[dict], a: str, b: str, key: str = "test_accuracy") -> str:
+    ra, rb = (next(r for r in rows if r["setting"] == s) for s in (a, b))
+    diff = ra[key] - rb[key]
+    verdict = "beats" if diff > 0.01 else "trails" if diff < -0.01 else "matches"
+    return (f"{a} {verdict} {b} on {key}: {ra[key]:.3f} vs {rb[key]:.3f} ({diff:+.3f}); "
+            f"time {ra['total_seconds']:.0f} s vs {rb['total_seconds']:.0f} s.")
+
+
+def _conclude_hyperparams(rows: list[dict]) -> str:
+    lines = []
+    for group in ("depth", "kernel", "batch", "lr"):
+        members = [r for r in rows if r["setting"].startswith(group + "=")]
+        if members:
+            lines.append(f"- {group}: " + _best_worst(members))
+    return "\n".join(lines)
+
+
+def _conclude_robustness(rows: list[dict]) -> str:
+    lines = [f"- {r['setting']}: night accuracy {r.get('test_accuracy_dark', float('nan')):.3f}, "
+             f"day accuracy {r.get('test_accuracy_bright', float('nan')):.3f}" for r in rows]
+    return "\n".join(lines + [_best_worst(rows, "test_accuracy_dark").replace("Best", "Most robust at night")])
+
+
+def measure_handwritten(cfg: ClassifyConfig) -> dict[str, float]:
+    """Forward/backward agreement of the loop, vectorised and torch convolutions on a real batch,
+    and the time each takes per batch (the loop on a small crop: it is that slow)."""
+    split = split_vehicles(cfg.data)
+    images, _ = load_images(split.train[:8], (cfg.image_size, cfg.image_size))
+    x = torch.from_numpy(images).float() / 255
+    torch.manual_seed(0)
+    hand = HandConv2d(3, 16, 3, padding=1)
+    weight = hand.weight.detach().clone().requires_grad_()
+    bias = hand.bias.detach().clone().requires_grad_()
+    y_hand, y_ref = hand(x), F.conv2d(x, weight, bias, padding=1)
+    y_hand.square().sum().backward()
+    y_ref.square().sum().backward()
+    crop = x[:1, :, :12, :12]
+    loop = LoopConv2d(3, 16, 3)
+    loop.load_state_dict({"weight": weight.detach(), "bias": bias.detach()})
+    out = {"forward_max_abs_diff": (y_hand - y_ref).abs().max().item(),
+           "weight_grad_max_rel_diff": ((hand.weight.grad - weight.grad).abs().max() / weight.grad.abs().max()).item(),
+           "loop_vs_torch_max_abs_diff": (loop(crop) - F.conv2d(crop, weight, bias)).abs().max().item()}
+    for name, fn, inp in (("torch", lambda t: F.conv2d(t, weight, bias, padding=1), x), ("hand", hand, x),
+                          ("loop_12px_1img", loop, crop)):
+        start = time.perf_counter()
+        for _ in range(3):
+            fn(inp).sum().backward() if name != "loop_12px_1img" else fn(inp)
+        out[f"seconds_per_batch_{name}"] = (time.perf_counter() - start) / 3
+    return out
+
+
+STUDIES: dict[str, Study] = {s.name: s for s in [
+    Study("handwritten-conv", "Does the hand-written convolution match nn.Conv2d, and what does it cost?",
+          [("hand_cnn", {"net": "hand_cnn"}), ("cnn (nn.Conv2d)", {"net": "cnn"})],
+          lambda rows: _pair(rows, "hand_cnn", "cnn (nn.Conv2d)"), measure=measure_handwritten),
+    Study("cnn-baseline", "How does the lab's nn.Conv2d CNN train: time, accuracy and loss curves?",
+          [("cnn", {"net": "cnn"})], lambda rows: _best_worst(rows)),
+    Study("hyperparams", "How do depth, kernel size, batch size and learning rate change the CNN?",
+          [(f"depth={d}", {"net": "cnn", "net_options": {"depth": d}}) for d in (1, 2, 3, 4, 5)]
+          + [(f"kernel={k}", {"net": "cnn", "net_options": {"kernel_size": k}}) for k in (3, 5, 7)]
+          + [(f"batch={b}", {"net": "cnn", "batch_size": b}) for b in (16, 64, 256)]
+          + [(f"lr={lr:g}", {"net": "cnn", "lr": lr}) for lr in (1e-4, 1e-3, 1e-2)],
+          _conclude_hyperparams),
+    Study("alexnet-mlp", "How do AlexNet and an MLP compare with the CNN?",
+          [("cnn", {"net": "cnn"}), ("alexnet", {"net": "alexnet"}), ("mlp", {"net": "mlp"})],
+          lambda rows: _best_worst(rows) + " " + _pair(rows, "cnn", "mlp")),
+    Study("dilated", "Do HDC dilation rates [1,2,5] beat plain convolution and gridding-prone rates?",
+          [("rates 1,2,5 (HDC)", {"net": "dilated_cnn", "net_options": {"rates": [1, 2, 5]}}),
+           ("rates 1,1,1 (plain)", {"net": "dilated_cnn", "net_options": {"rates": [1, 1, 1]}}),
+           ("rates 2,2,2 (gridding)", {"net": "dilated_cnn", "net_options": {"rates": [2, 2, 2], "enforce_hdc": False}})],
+          lambda rows: _pair(rows, "rates 1,2,5 (HDC)", "rates 1,1,1 (plain)") + " "
+          + _pair(rows, "rates 1,2,5 (HDC)", "rates 2,2,2 (gridding)"),
+          notes={f"rates {','.join(map(str, r))}": f"receptive field {receptive_field(r)} px after the stem"
+                 for r in ((1, 2, 5), (1, 1, 1), (2, 2, 2))}),
+    Study("resnet-vs-plain", "Do residual connections help at equal depth (18 layers)?",
+          [("resnet18", {"net": "resnet18"}), ("plain18", {"net": "plain18"})],
+          lambda rows: _pair(rows, "resnet18", "plain18") + " " + _pair(rows, "resnet18", "plain18", "train_accuracy")),
+    Study("robustness", "How much of the tail split's night shift does the default recipe handle?",
+          [("default recipe", {}),
+           ("naive: x/255, flips+crops", {"normalization": "scale", "augment": "basic"}),
+           ("per-image std + night aug", {"normalization": "per-image"})],
+          _conclude_robustness, uses_recipe=True),
+]}
+
+
+def study_options(study: Study, quick: bool) -> dict:
+    """The options every setting of ``study`` starts from: the lab's CNN setting (64 px, 15 epochs),
+    or the default recipe for studies about it; ``quick`` shrinks either to a smoke run."""
+    if quick:
+        return dict(image_size=48, epochs=1, batch_size=16)  # 48 px: the unpadded dilated net needs it
+    return {} if study.uses_recipe else dict(image_size=64, epochs=15, batch_size=64)
+
+
+def run_study(name: str, data: str, quick: bool = False, epochs: int | None = None) -> str:
+    """Run every setting of study ``name`` as nested runs; return the parent run id."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+    study = STUDIES[name]
+    base = study_options(study, quick) | ({"epochs": epochs} if epochs else {})
+    with tracking.tracked_run(STUDY_EXPERIMENT, run_name=name, tags={"study": name, "quick": str(quick)}) as parent:
+        tracking.log_params({"study": name, "question": study.question, "quick": quick, **base})
+        rows = []
+        for label, overrides in study.settings:
+            options = base | overrides
+            cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, run_name=f"{name}: {label}", log_model=False,
+                                 **options)
+            if quick and "width" in model_options(cfg.net):
+                cfg.net_options = {**(cfg.net_options or {}), "width": 8}
+            result = train_classifier(cfg, nested=True)
+            rows.append({"setting": label, "run_id": result.run_id, **result.metrics,
+                         "train_accuracy": result.history[-1]["train_accuracy"]})
+        if study.measure is not None:
+            mlflow.log_metrics(study.measure(ClassifyConfig(data=data, image_size=base.get("image_size", 64))))
+        mlflow.log_dict({"rows": rows, "notes": study.notes}, "study/rows.json")
+        mlflow.log_text(study.conclude(rows), "study/conclusion.md")
+    return parent.info.run_id
