@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .data.augment import PRESETS
+from .nets.classifier import NORMALIZATIONS
+
 
 def opt(default, help: str, **extra):  # noqa: A002  (argparse's own word)
     return field(default=default, metadata={"help": help, **extra})
@@ -18,8 +21,8 @@ class ClassifyConfig:
     net: str = opt("resnet18", "registered network name (see `roadsight nets`)")
     net_options: dict = opt(None, "network options as JSON, e.g. '{\"depth\": 5, \"kernel_size\": 5}'", json=True)
     image_size: int = opt(96, "images are stretched to this square size")
-    normalization: str = opt("per-image", "input normalisation inside the model", choices=("equalize", "per-image", "scale"))
-    augment: str = opt("night", "augmentation preset", choices=("none", "basic", "color", "night"))
+    normalization: str = opt("per-image", "input normalisation inside the model", choices=NORMALIZATIONS)
+    augment: str = opt("night", "augmentation preset", choices=tuple(PRESETS))
     epochs: int = opt(30, "training epochs")
     batch_size: int = opt(64, "batch size")
     optimizer: str = opt("adamw", "optimiser", choices=("adamw", "adam", "sgd"))

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from .registry import get_model, model_options
 
-NORMALIZATIONS = ("equalize", "per-image", "scale")
+LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+NORMALIZATIONS = ("equalize-gray", "equalize", "per-image", "scale")
 
 
 class InputNormalization(nn.Module):
@@ -20,6 +21,8 @@ class InputNormalization(nn.Module):
     in its own image channel (the channel's empirical CDF), then centred. Exposure, contrast and
     colour casts all vanish, which is what separates the tail split's night-time test cars from
     the daytime training cars.
+    ``equalize-gray``: the same on the Rec.601 luma only, repeated to three channels. Colour is
+    dropped on purpose: a night-lit car turns blue, and blue is common among training trucks.
     ``per-image``: standardise each image by its own mean and standard deviation over all pixels
     and channels. It removes global exposure and contrast, so a night shot and a day shot of the
     same vehicle start closer together (the tail split's test cars are mostly night shots), while
@@ -35,6 +38,9 @@ class InputNormalization(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "equalize":
             return self._equalize(x)
+        if self.mode == "equalize-gray":
+            luma = (x.float() * LUMA_WEIGHTS.to(x.device)).sum(dim=1, keepdim=True)
+            return self._equalize(luma).expand(-1, 3, -1, -1)
         x = x.float() / 255.0
         if self.mode == "scale":
             return x
