@@ -38,3 +38,11 @@ def stretch(image: Image.Image, width: int, height: int, resize: str = "bilinear
     """Resize ignoring aspect ratio (the lab's "stretch") and return uint8 CHW."""
     resized = image.resize((width, height), RESIZE_FILTERS[resize])
     return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad a (..., H, W) array bottom/right so H and W become multiples of ``multiple``
+    (the dehazer contract's ``pad_multiple``); crop the model's output back with ``[..., :H, :W]``."""
+    height, width = image.shape[-2:]
+    pad = [(0, 0)] * (image.ndim - 2) + [(0, -height % multiple), (0, -width % multiple)]
+    return np.pad(image, pad, mode="reflect")

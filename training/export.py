@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,18 @@ def write_metadata(onnx_path: Path, metadata: dict) -> Path:
     return json_path
 
 
+def finish_export(onnx_path: Path, metadata: dict, evaluate, run_id: str, alias: str | None, register: bool) -> Path:
+    """Write the JSON, score the file through it (``evaluate(json_path)``), optionally register it,
+    and record the metrics and the registered URI in the JSON."""
+    json_path = write_metadata(onnx_path, metadata)
+    metadata = json.loads(json_path.read_text())
+    metadata["metrics"] = evaluate(json_path)
+    if register:
+        metadata["source"]["model_uri"] = register_onnx(metadata["task"], onnx_path, run_id, alias)
+    json_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
+    return json_path
+
+
 def register_onnx(task: str, onnx_path: Path, run_id: str, alias: str | None) -> str:
     """Log the ONNX file to its source run, register it and optionally point ``alias`` at it."""
     disable_telemetry()
@@ -177,13 +190,59 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
         "source": {"mlflow_run_id": ckpt.run_id, "net": cfg["net"], "net_options": cfg.get("net_options") or {},
                    "training_config": cfg},
     }
-    json_path = write_metadata(target, metadata)
-    metadata = json.loads(json_path.read_text())
-    metadata["metrics"] = evaluate_classifier_onnx(json_path, data, cfg["test_fraction"])
-    if register:
-        metadata["source"]["model_uri"] = register_onnx("classify", target, ckpt.run_id, alias)
-    json_path.write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n")
-    return json_path
+    return finish_export(target, metadata, lambda path: evaluate_classifier_onnx(path, data, cfg["test_fraction"]),
+                         ckpt.run_id, alias, register)
+
+
+def export_dehazer(source: str, out_dir: Path, data: str | None = None, alias: str | None = "champion",
+                   register: bool = True) -> Path:
+    """Export a dehazing run to ``out_dir/dehazer.onnx`` + ``.json`` (N, H, W dynamic; H and W
+    multiples of the net's ``pad_multiple``, which the JSON tells clients to pad to)."""
+    from serving.images import pad_to_multiple
+
+    from .data.dehaze import load_pair, split_dehaze
+    from .evaluate import evaluate_dehazer_onnx
+    from .image_metrics import psnr
+    from .nets import get_model
+
+    ckpt = load_run_checkpoint(source)
+    cfg = ckpt.config
+    model = get_model(cfg["net"], **(cfg.get("net_options") or {}))
+    model.load_state_dict(ckpt.weights)
+    model.eval()
+    multiple = int(getattr(model, "pad_multiple", 1))
+    data = data or cfg["data"]
+    split = split_dehaze(data, cfg.get("test_fraction", 0.2))
+    hazy = [pad_to_multiple(load_pair(p)[0], multiple)[None].astype(np.float32) / 255 for p in split.test[:4]]
+    blocks = {d: torch.export.Dim(f"{name}_blocks", min=1, max=4096 // multiple) for d, name in ((2, "height"), (3, "width"))}
+    dims = {0: torch.export.Dim("batch", min=1, max=64), **{d: multiple * b for d, b in blocks.items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "dehazer.onnx"
+        example = torch.from_numpy(np.concatenate([hazy[0], hazy[0]]))
+        proto = onnx_to_file(model, example, staged, "hazy", "clear", dims)
+        session = cpu_session(staged)
+        worst = math.inf
+        for image in hazy:
+            with torch.no_grad():
+                expected = model(torch.from_numpy(image)).numpy()
+            worst = min(worst, psnr(session.run(None, {"hazy": image})[0], expected))
+        if worst < DEHAZE_PARITY_PSNR_DB:
+            raise ExportError(f"ONNX dehazer output is only {worst:.1f} dB from torch's (< {DEHAZE_PARITY_PSNR_DB} dB)")
+        log.info("parity: PSNR(onnx, torch) >= %.1f dB on %d test images", worst, len(hazy))
+        target = out_dir / staged.name
+        target.write_bytes(staged.read_bytes())
+    metadata = {
+        "task": "dehaze", "name": REGISTERED_NAMES["dehaze"], "opset": _opset(proto), "pad_multiple": multiple,
+        "pad_mode": "reflect",
+        "input": {"name": "hazy", "dtype": "float32", "layout": "NCHW", "color": "RGB", "range": [0, 1]},
+        "output": {"name": "clear", "dtype": "float32", "range": [0, 1]},
+        "parity": {"min_psnr_db_onnx_vs_torch": worst, "images": len(hazy)},
+        "source": {"mlflow_run_id": ckpt.run_id, "net": cfg["net"], "net_options": cfg.get("net_options") or {},
+                   "training_config": cfg},
+    }
+    return finish_export(target, metadata, lambda path: evaluate_dehazer_onnx(path, data, cfg.get("test_fraction", 0.2)),
+                         ckpt.run_id, alias, register)
 
 
 def _opset(proto: onnx.ModelProto) -> int:
