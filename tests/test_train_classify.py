@@ -45,3 +45,18 @@ def test_cli_names_a_bad_data_path(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert f"vehicle data folder {missing} does not exist" in proc.stderr
+
+
+def test_head_only_epochs_train_the_final_layer_alone(tmp_path, mlflow_store):
+    import torch.nn as nn
+
+    from training.nets import build_classifier
+
+    result = train_classifier(tiny_config(tmp_path, head_only_epochs=1, val_fraction=0.0))
+    torch.manual_seed(0)  # train_classifier seeds with cfg.seed=0 before building: rebuild the same init
+    initial = build_classifier("cnn", 3, (32, 32), depth=2, width=8)
+    trained = result.model.state_dict()
+    for name, before in initial.state_dict().items():
+        changed = not torch.equal(before, trained[name])
+        assert changed == name.startswith("backbone.fc."), name  # BN statistics included
+    assert isinstance(result.model.backbone.fc, nn.Linear)

@@ -30,6 +30,9 @@ class ClassifyConfig:
     weight_decay: float = opt(0.05, "weight decay")
     schedule: str = opt("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "constant"))
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
+    head_only_epochs: int = opt(0, "first N epochs train only the final linear layer, the rest frozen with its "
+                                   "BatchNorm statistics (linear probing; then fine-tuning: LP-FT)")
+    backbone_lr_scale: float = opt(1.0, "learning-rate multiplier for every layer but the final one")
     ema_decay: float = opt(0.0, "exponential moving average of weights, evaluated and kept if > 0 (e.g. 0.99)")
     split: str = opt("tail", "tail: last N%% of each class by name is test (the lab's); random: seeded",
                      choices=("tail", "random"))
@@ -50,3 +53,55 @@ class ClassifyConfig:
         params = {k: v for k, v in asdict(self).items() if k not in skip}
         params.update({f"net.{k}": v for k, v in (self.net_options or {}).items()})
         return params
+
+
+@dataclass
+class DehazeConfig:
+    data: str = opt("../shared/data/dehaze", "dehaze folder with hazy/clear (or FogPictures/NoFogPictures, haze/no_haze) sub-folders")
+    hazy_dir: str = opt(None, "explicit hazy folder (with --clear-dir; overrides --data)")
+    clear_dir: str = opt(None, "explicit clear folder (with --hazy-dir)")
+    net: str = opt("dehazer", "registered dehazing network (see `roadsight nets`)")
+    net_options: dict = opt(None, "network options as JSON, e.g. '{\"width\": 16}'", json=True)
+    crop_size: int = opt(192, "training crops (px, full resolution): the model sees the scale it is evaluated at")
+    crops_per_image: int = opt(4, "random crops per training pair and epoch")
+    epochs: int = opt(20, "training epochs")
+    batch_size: int = opt(8, "crops per batch")
+    optimizer: str = opt("adam", "optimiser", choices=("adamw", "adam", "sgd"))
+    lr: float = opt(2e-3, "peak learning rate")
+    weight_decay: float = opt(0.0, "weight decay")
+    schedule: str = opt("cosine", "learning-rate schedule", choices=("onecycle", "cosine", "constant"))
+    ssim_weight: float = opt(0.0, "loss = L1 + this * (1 - SSIM)")
+    test_fraction: float = opt(0.2, "test share: the last pairs by name")
+    eval_every: int = opt(1, "evaluate on the test subset every N epochs (the last epoch always)")
+    eval_subset: int = opt(16, "test pairs evaluated per epoch, evenly spaced (0: all); the final score uses all")
+    seed: int = opt(0, "random seed (init, crops)")
+    device: str = opt("auto", "auto (cuda when present), cpu or cuda")
+    threads: int = opt(0, "CPU threads for torch (0: torch's default)")
+    experiment: str = opt("dehazing", "MLflow experiment name")
+    run_name: str = opt(None, "MLflow run name (default: net name)")
+    checkpoint_dir: str = opt("checkpoints", "where each epoch's checkpoint is written")
+    resume: str = opt(None, "checkpoint file to continue from (its MLflow run continues too)")
+    log_model: bool = opt(True, "log the trained model to MLflow")
+
+    params = ClassifyConfig.params
+
+
+@dataclass
+class DehazeBaselineConfig:
+    """Identity (the hazy image itself) and dark-channel prior, scored like the dehazer."""
+
+    data: str = opt("../shared/data/dehaze", "dehaze folder with hazy/clear sub-folders")
+    hazy_dir: str = opt(None, "explicit hazy folder (with --clear-dir; overrides --data)")
+    clear_dir: str = opt(None, "explicit clear folder (with --hazy-dir)")
+    test_fraction: float = opt(0.2, "test share: the last pairs by name")
+    patch: int = opt(15, "dark-channel window (px)")
+    omega: float = opt(0.95, "haze share removed (< 1 keeps distant objects looking distant)")
+    t0: float = opt(0.1, "lower bound on the transmission")
+    top: float = opt(0.001, "share of haziest dark-channel pixels searched for the atmospheric light")
+    radius: int = opt(60, "guided-filter radius (px) refining the transmission")
+    eps: float = opt(1e-4, "guided-filter regularisation")
+    experiment: str = opt("dehazing", "MLflow experiment name")
+    run_name: str = opt("baselines", "MLflow run name")
+
+    def dcp_options(self) -> dict:
+        return {k: getattr(self, k) for k in ("patch", "omega", "t0", "top", "radius", "eps")}

@@ -45,10 +45,27 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The final linear layer's parameters: what linear probing trains."""
+    return list([m for m in model.modules() if isinstance(m, nn.Linear)][-1].parameters())
+
+
+def freeze_all_but_head(model: nn.Module, frozen: bool) -> None:
+    head = {id(p) for p in head_parameters(model)}
+    for p in model.parameters():
+        p.requires_grad_(not frozen or id(p) in head)
+
+
 def make_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW/Adam/SGD; no weight decay on biases and norms; the backbone's lr scaled by
+    ``backbone_lr_scale`` (one group each, so schedulers scale every group alike)."""
+    head = {id(p) for p in head_parameters(model)}
+    groups = []
+    for is_head in (False, True):
+        lr = cfg.lr if is_head else cfg.lr * cfg.backbone_lr_scale
+        params = [p for p in model.parameters() if (id(p) in head) == is_head]
+        groups += [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     return (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(groups, lr=cfg.lr)
@@ -57,7 +74,8 @@ def make_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimiz
 def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=total, pct_start=0.2)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -67,6 +85,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
                     augment: nn.Module, label_smoothing: float = 0.0, ema: AveragedModel | None = None,
                     desc: str = "train") -> dict[str, float]:
     model.train()
+    for m in model.modules():  # frozen BatchNorm layers keep their (pretrained) statistics
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+            m.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = augment(images.to(device)), labels.to(device)
@@ -159,7 +180,8 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
         started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
         for epoch in range(start_epoch, cfg.epochs):
             tick = time.perf_counter()
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            freeze_all_but_head(model, frozen=epoch < cfg.head_only_epochs)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
             row.update(train_one_epoch(model, loader, optimizer, scheduler, device, augment, cfg.label_smoothing,
                                        ema, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
             row["epoch_seconds"] = time.perf_counter() - tick
