@@ -66,6 +66,28 @@ def cmd_train_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dehaze(args: argparse.Namespace) -> int:
+    from .config import DehazeConfig
+    from .dehaze_engine import train_dehazer
+
+    result = train_dehazer(config_from_args(DehazeConfig, args))
+    m = result.metrics
+    print(f"run {result.run_id}: test PSNR {m['test_psnr']:.2f} dB, SSIM {m['test_ssim']:.4f} "
+          f"(hazy input: {m['test_identity_psnr']:.2f} dB, {m['test_identity_ssim']:.4f}), "
+          f"{m['total_seconds']:.0f} s; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_dehaze_baseline(args: argparse.Namespace) -> int:
+    from .config import DehazeBaselineConfig
+    from .dehaze_engine import run_baselines
+
+    m = run_baselines(config_from_args(DehazeBaselineConfig, args))
+    print(f"identity (hazy input): PSNR {m['identity_psnr']:.2f} dB, SSIM {m['identity_ssim']:.4f}")
+    print(f"dark-channel prior:    PSNR {m['dcp_psnr']:.2f} dB, SSIM {m['dcp_ssim']:.4f}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
@@ -101,7 +123,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ClassifyConfig
+    from .config import ClassifyConfig, DehazeBaselineConfig, DehazeConfig
 
     parser = argparse.ArgumentParser(prog="roadsight", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -117,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(classify, ClassifyConfig)
     classify.set_defaults(handler=cmd_train_classify)
+    dehaze = tasks.add_parser("dehaze", help="dehazer (hazy -> clear image pairs)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(dehaze, DehazeConfig)
+    dehaze.set_defaults(handler=cmd_train_dehaze)
+
+    baseline = commands.add_parser("dehaze-baseline", help="score identity and dark-channel-prior dehazing (MLflow run)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(baseline, DehazeBaselineConfig)
+    baseline.set_defaults(handler=cmd_dehaze_baseline)
 
     export = commands.add_parser("export", help="export a run to the ONNX contract in models/ (checked, registered)")
     export.add_argument("task", choices=("classify", "dehaze"))

@@ -56,11 +56,11 @@ def log_params(params: dict[str, object]) -> None:
 def curves_figure(history: Sequence[dict[str, float]], panels: dict[str, Sequence[str]]):
     """One panel per entry of ``panels`` (title -> metric keys), each metric against epoch."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    epochs = [h["epoch"] for h in history]
     for ax, (title, keys) in zip(axes[0], panels.items()):
         for key in keys:
-            if all(key in h for h in history):
-                ax.plot(epochs, [h[key] for h in history], marker=".", label=key)
+            points = [(h["epoch"], h[key]) for h in history if key in h]  # some metrics skip epochs
+            if points:
+                ax.plot(*zip(*points), marker=".", label=key)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
