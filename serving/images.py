@@ -46,3 +46,29 @@ def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     height, width = image.shape[-2:]
     pad = [(0, 0)] * (image.ndim - 2) + [(0, -height % multiple), (0, -width % multiple)]
     return np.pad(image, pad, mode="reflect")
+
+
+def crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Undo ``pad_to_multiple``: the top-left ``height`` x ``width`` of a (..., H, W) array."""
+    return image[..., :height, :width]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float [0, 1] to uint8 by rounding (the rule every saved or served dehazer output follows)."""
+    return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+ENCODINGS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
+    """Encode an RGB image (Pillow, or uint8 CHW array) as PNG or JPEG bytes."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")
+    name, _ = ENCODINGS[fmt]
+    buffer = io.BytesIO()
+    if name == "PNG":
+        image.save(buffer, name, compress_level=3)
+    else:
+        image.save(buffer, name, quality=quality)
+    return buffer.getvalue()

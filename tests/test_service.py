@@ -1,0 +1,355 @@
+"""The BentoML service, end to end: a real `bentoml serve` on 127.0.0.1, real images from tests/data.
+
+It serves models/ (the shipped models; all four files required, so a missing one fails here loudly).
+Only while models/ holds no shipped model at all does it serve stand-ins generated for the session
+(tests/standin_models.py), with a warning. Expected outputs are computed independently from each
+model's JSON contract with onnxruntime, so the same tests hold for either.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from conftest import REPO, SAMPLE
+from serving.images import open_rgb, stretch
+from standin_models import write_standin_models
+
+pytestmark = pytest.mark.slow
+
+SHIPPED = REPO / "models"
+SHIPPED_FILES = ("vehicle_classifier.json", "vehicle_classifier.onnx", "dehazer.json", "dehazer.onnx")
+VEHICLES = sorted((SAMPLE / "vehicles").glob("*/*.jpg"))
+HAZY = sorted((SAMPLE / "dehaze" / "hazy").glob("*.jpg"))
+DEHAZE_LIMIT = 25_000  # pixels, set small for the test server so the limit is exercised cheaply
+
+
+@dataclass
+class Server:
+    url: str
+    models_dir: Path
+    shipped: bool
+    log: Path
+
+    def post(self, route: str, **kwargs) -> httpx.Response:
+        return httpx.post(self.url + route, timeout=60, **kwargs)
+
+    def info(self) -> dict:
+        return httpx.get(self.url + "/info", timeout=10).json()
+
+
+def serving_models(tmp_path_factory) -> tuple[Path, bool]:
+    if any((SHIPPED / name).exists() for name in SHIPPED_FILES):
+        return SHIPPED, True
+    warnings.warn("models/ holds no shipped model yet: the service tests ran on generated stand-in models")
+    return write_standin_models(tmp_path_factory.mktemp("standin-models")), False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models_dir, shipped = serving_models(tmp_path_factory)
+    home = tmp_path_factory.mktemp("bentoml-home")
+    log = home / "serve.log"
+    port = free_port()
+    env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(models_dir), "BENTOML_HOME": str(home),
+           "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1",
+           # a loaded 2-core CI box must not shed the burst below; production default is 500 ms
+           "ROADSIGHT_MAX_LATENCY_MS": "10000", "ROADSIGHT_DEHAZE_MAX_PIXELS": str(DEHAZE_LIMIT)}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Roadsight",
+                                    "--host", "127.0.0.1", "--port", str(port)],
+                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {process.returncode} while starting on {models_dir}:\n"
+                            + log.read_text()[-4000:])
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("bentoml serve was not ready within 180 s:\n" + log.read_text()[-4000:])
+            time.sleep(0.5)
+        yield Server(url, models_dir, shipped, log)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def direct(server):
+    """The models called directly with onnxruntime, fed as models/README.md says (no service code)."""
+    def load(stem):
+        contract = json.loads((server.models_dir / f"{stem}.json").read_text())
+        session = ort.InferenceSession(str(server.models_dir / contract["file"]), providers=["CPUExecutionProvider"])
+        return contract, session
+
+    return {"classify": load("vehicle_classifier"), "dehaze": load("dehazer")}
+
+
+def upload(path: Path, field: str = "image", **data) -> dict:
+    return {"files": {field: (path.name, path.read_bytes(), "image/jpeg")}, "data": data}
+
+
+def expected_probabilities(direct, paths) -> np.ndarray:
+    contract, session = direct["classify"]
+    spec = contract["input"]
+    batch = np.stack([stretch(open_rgb(p), spec["width"], spec["height"], spec["filter"]) for p in paths])
+    return session.run([contract["output"]["name"]], {spec["name"]: batch})[0]
+
+
+def expected_dehazed(direct, image: Image.Image) -> np.ndarray:
+    contract, session = direct["dehaze"]
+    multiple = contract["pad_multiple"]
+    x = np.asarray(image, np.float32).transpose(2, 0, 1) / 255
+    height, width = x.shape[1:]
+    x = np.pad(x, [(0, 0), (0, -height % multiple), (0, -width % multiple)], mode="reflect")
+    (y,) = session.run([contract["output"]["name"]], {contract["input"]["name"]: x[None]})
+    return np.round(np.clip(y[0, :, :height, :width], 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def assert_same_pixels(served: np.ndarray, expected: np.ndarray):
+    """Equal up to 8-bit rounding of float noise between two onnxruntime sessions (padding, crop or
+    orientation mistakes differ by far more)."""
+    assert served.shape == expected.shape
+    difference = np.abs(served.astype(int) - expected.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.001, (difference.max(), (difference > 0).mean())
+
+
+def test_info_describes_models_provider_and_sizes(server, direct):
+    info = server.info()
+    classifier, dehazer = info["models"]["classifier"], info["models"]["dehazer"]
+    contract = direct["classify"][0]
+    assert classifier["version"] == contract["sha256"] and classifier["labels"] == contract["labels"]
+    assert dehazer["version"] == direct["dehaze"][0]["sha256"]
+    assert info["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider")
+    assert info["input_sizes"]["classifier"] == {"height": contract["input"]["height"], "width": contract["input"]["width"]}
+    assert info["batching"]["ready"] and info["batching"]["max_latency_ms"] == 10000
+    assert info["runtime"]["intra_op_threads"] >= 1
+    assert httpx.get(server.url + "/livez").status_code == 200
+    assert "bentoml" in httpx.get(server.url + "/metrics").text
+
+
+def test_classify_matches_onnxruntime_on_the_contract(server, direct):
+    """Contract parity: the service's probabilities equal a direct onnxruntime call on the same
+    image prepared per the JSON (open_rgb + stretch), within 1e-5."""
+    labels = direct["classify"][0]["labels"]
+    paths = VEHICLES[::4]
+    expected = expected_probabilities(direct, paths)
+    for path, row in zip(paths, expected):
+        response = server.post("/classify", **upload(path))
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert set(result) == {"label", "confidence", "probabilities"}
+        assert list(result["probabilities"]) == labels
+        np.testing.assert_allclose([result["probabilities"][name] for name in labels], row, atol=1e-5, rtol=0)
+        assert result["label"] == labels[int(row.argmax())] and result["confidence"] == pytest.approx(row.max(), abs=1e-5)
+
+
+def test_classify_batch_answers_in_order(server, direct):
+    paths = VEHICLES[:7]
+    response = server.post("/classify_batch", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
+    assert response.status_code == 200, response.text
+    results = response.json()
+    expected = expected_probabilities(direct, paths)
+    labels = direct["classify"][0]["labels"]
+    assert len(results) == len(paths)
+    for result, row in zip(results, expected):
+        np.testing.assert_allclose([result["probabilities"][name] for name in labels], row, atol=1e-5, rtol=0)
+
+
+def test_a_concurrent_burst_is_batched(server, direct):
+    before = server.info()["batching"]["observed"]
+    paths = (VEHICLES * 2)[:32]
+    with httpx.Client(timeout=120) as client:
+        def one(path):
+            return client.post(server.url + "/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            responses = list(pool.map(one, paths))
+    assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+    expected = expected_probabilities(direct, paths)
+    labels = direct["classify"][0]["labels"]
+    for response, row in zip(responses, expected):
+        np.testing.assert_allclose([response.json()["probabilities"][n] for n in labels], row, atol=1e-5, rtol=0)
+    after = server.info()["batching"]["observed"]
+    burst = {int(size): count - before["histogram"].get(size, 0) for size, count in after["histogram"].items()}
+    assert after["images"] - before["images"] == 32
+    assert max(size for size, count in burst.items() if count > 0) > 1, f"no batch > 1 in the burst: {burst}"
+    print(f"onnxruntime batch sizes during the burst of 32 (size: runs): { {k: v for k, v in burst.items() if v} }")
+
+
+@pytest.mark.parametrize("path", HAZY[:3] + HAZY[-3:], ids=lambda p: p.stem)
+def test_dehaze_returns_the_same_size_png(server, direct, path):
+    response = server.post("/dehaze", **upload(path))
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG" and image.mode == "RGB" and image.size == Image.open(path).size
+    assert_same_pixels(np.asarray(image), expected_dehazed(direct, open_rgb(path)))
+
+
+def test_dehaze_jpeg_on_request(server):
+    response = server.post("/dehaze", **upload(HAZY[0], format="jpeg", quality="80"))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "JPEG" and image.size == Image.open(HAZY[0]).size
+
+
+def test_dehaze_honours_exif_orientation(server, direct):
+    landscape = open_rgb(HAZY[0])  # 137 x 103
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 counter-clockwise to view
+    buffer = io.BytesIO()
+    landscape.save(buffer, "PNG", exif=exif.tobytes())
+    response = server.post("/dehaze", files={"image": ("rotated.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    assert image.size == (landscape.height, landscape.width)
+    upright = open_rgb(buffer.getvalue())
+    assert_same_pixels(np.asarray(image), expected_dehazed(direct, upright))
+
+
+def big_image() -> bytes:
+    buffer = io.BytesIO()
+    open_rgb(HAZY[0]).resize((200, 150)).save(buffer, "PNG")  # 30,000 px > DEHAZE_LIMIT
+    return buffer.getvalue()
+
+
+def test_dehaze_refuses_oversized_images_or_downscales_on_request(server):
+    refused = server.post("/dehaze", files={"image": ("big.png", big_image(), "image/png")})
+    assert refused.status_code == 413 and "downscale=true" in refused.json()["error"]
+    shrunk = server.post("/dehaze", files={"image": ("big.png", big_image(), "image/png")}, data={"downscale": "true"})
+    assert shrunk.status_code == 200, shrunk.text
+    image = Image.open(io.BytesIO(shrunk.content))
+    assert image.width * image.height <= DEHAZE_LIMIT and shrunk.headers["x-downscaled-from"] == "200x150"
+
+
+def odd_upload(name: str) -> bytes:
+    buffer = io.BytesIO()
+    source = open_rgb(VEHICLES[0])
+    if name == "rgba":
+        source.convert("RGBA").save(buffer, "PNG")
+    elif name == "cmyk":
+        source.convert("CMYK").save(buffer, "JPEG")
+    elif name == "palette":
+        source.convert("P").save(buffer, "GIF")
+    elif name == "gray16":
+        Image.fromarray((np.asarray(source.convert("L"), np.uint16) * 257)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["rgba", "cmyk", "palette", "gray16"])
+def test_odd_image_modes_are_classified(server, direct, kind):
+    response = server.post("/classify", files={"image": (f"odd.{kind}", odd_upload(kind), "application/octet-stream")})
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] in direct["classify"][0]["labels"]
+
+
+def multipart(*parts: tuple[str, bytes, str | None]) -> dict:
+    """A hand-made multipart body: (field, value, filename or None for a plain text field)."""
+    chunks = []
+    for name, value, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(f"--bound\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n")
+    return {"content": b"".join(chunks) + b"--bound--\r\n",
+            "headers": {"content-type": "multipart/form-data; boundary=bound"}}
+
+
+TRUNCATED = VEHICLES[0].read_bytes()[: len(VEHICLES[0].read_bytes()) // 2]
+BAD_REQUESTS = {
+    "not-an-image": ("/classify", {"files": {"image": ("notes.txt", b"hello, no pixels here", "text/plain")}}, 400),
+    "empty-file": ("/classify", {"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 400),
+    "truncated-jpeg": ("/classify", {"files": {"image": ("cut.jpg", TRUNCATED, "image/jpeg")}}, 400),
+    "wrong-field": ("/classify", {"files": {"picture": ("car.jpg", VEHICLES[0].read_bytes(), "image/jpeg")}}, 400),
+    "text-in-file-field": ("/classify", multipart(("image", b"http://example.com/car.jpg", None)), 400),
+    "file-in-text-field": ("/dehaze", multipart(("image", HAZY[0].read_bytes(), "a.jpg"),
+                                                ("format", VEHICLES[0].read_bytes(), "b.jpg")), 400),
+    "urlencoded-form": ("/classify", {"data": {"image": "car.jpg"}}, 415),
+    "no-body": ("/classify", {}, 400),
+    "json-body": ("/classify", {"json": {"image": "car.jpg"}}, 400),
+    "raw-jpeg-body": ("/classify", {"content": VEHICLES[0].read_bytes(), "headers": {"content-type": "image/jpeg"}}, 415),
+    "broken-multipart": ("/classify", {"content": b"--xyz\r\ngarbage",
+                                       "headers": {"content-type": "multipart/form-data; boundary=xyz"}}, 400),
+    "multipart-without-boundary": ("/dehaze", {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}}, 400),
+    "dehaze-bad-format": ("/dehaze", {"files": {"image": ("a.jpg", HAZY[0].read_bytes(), "image/jpeg")},
+                                      "data": {"format": "gif"}}, 400),
+    "dehaze-bad-quality": ("/dehaze", {"files": {"image": ("a.jpg", HAZY[0].read_bytes(), "image/jpeg")},
+                                       "data": {"quality": "500"}}, 400),
+    "dehaze-truncated": ("/dehaze", {"files": {"image": ("cut.jpg", TRUNCATED, "image/jpeg")}}, 400),
+    "batch-one-bad": ("/classify_batch", {"files": [("images", ("a.jpg", VEHICLES[0].read_bytes(), "image/jpeg")),
+                                                    ("images", ("b.jpg", b"nope", "image/jpeg"))]}, 400),
+    "batch-too-many": ("/classify_batch", {"files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 65}, 413),
+    "tensors-garbage": ("/classify_tensors", {"json": {"tensors": "not a list"}}, 400),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_requests_get_a_json_4xx(server, name):
+    route, kwargs, status = BAD_REQUESTS[name]
+    response = server.post(route, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert isinstance(body, dict) and isinstance(body["error"], str) and body["error"], body
+
+
+def test_bad_error_messages_say_what_was_wrong(server):
+    assert "empty" in server.post("/classify", **BAD_REQUESTS["empty-file"][1]).json()["error"]
+    assert "truncated" in server.post("/classify", **BAD_REQUESTS["truncated-jpeg"][1]).json()["error"]
+    assert "'picture'" in server.post("/classify", **BAD_REQUESTS["wrong-field"][1]).json()["error"]
+    assert server.post("/classify_batch", **BAD_REQUESTS["batch-one-bad"][1]).json()["index"] == 1
+    assert httpx.get(server.url + "/classify").status_code == 405
+
+
+def test_the_internal_batched_endpoint_refuses_malformed_tensors_per_item(server):
+    response = server.post("/classify_tensors", json={"tensors": ["@@@", "AAAA"]})
+    assert response.status_code == 200
+    assert [("error" in item) for item in response.json()] == [True, True]
+
+
+def test_still_healthy_after_all_that(server):
+    assert httpx.get(server.url + "/readyz").status_code == 200
+    assert server.post("/classify", **upload(VEHICLES[-1])).status_code == 200
+    log = server.log.read_text()
+    assert "status=500" not in log and "status=503" not in log
+
+
+def test_a_missing_model_stops_start_up_naming_the_file(tmp_path):
+    env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(tmp_path), "BENTOML_HOME": str(tmp_path / "home"),
+           "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, "-m", "bentoml", "serve", "serving.service:Roadsight", "--host",
+                             "127.0.0.1", "--port", str(free_port())], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'vehicle_classifier.json'} is missing" in result.stdout + result.stderr

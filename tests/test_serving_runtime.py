@@ -1,0 +1,128 @@
+"""Loading models through their contract: providers, and start-up refusing bad model directories."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from serving import runtime
+from serving.runtime import ModelError
+from standin_models import write_standin_models
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    return write_standin_models(tmp_path_factory.mktemp("standin-models"))
+
+
+@pytest.fixture
+def models(standins, tmp_path):
+    target = tmp_path / "models"
+    shutil.copytree(standins, target)
+    return target
+
+
+def edit_json(path, **changes):
+    contract = json.loads(path.read_text())
+    contract.update(changes)
+    path.write_text(json.dumps(contract))
+
+
+def test_loads_both_models_and_reports_the_provider(standins):
+    classifier = runtime.load_model(standins, "classify", threads=1)
+    dehazer = runtime.load_model(standins, "dehaze", threads=1)
+    assert classifier.provider == classifier.session.get_providers()[0]
+    assert dehazer.provider in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    info = classifier.describe()
+    assert info["labels"] == ["bus", "car", "truck"] and info["version"] == runtime.sha256_of(classifier.onnx_path)
+    assert dehazer.describe()["pad_multiple"] == 8
+    assert runtime.check_models(standins) == [standins / "vehicle_classifier.onnx", standins / "dehazer.onnx"]
+
+
+def break_missing_json(models):
+    (models / "dehazer.json").unlink()
+    return "dehazer.json is missing"
+
+
+def break_invalid_json(models):
+    (models / "vehicle_classifier.json").write_text("{not json")
+    return "vehicle_classifier.json is not readable JSON"
+
+
+def break_missing_onnx(models):
+    (models / "dehazer.onnx").unlink()
+    return "dehazer.onnx named by .*dehazer.json is missing"
+
+
+def break_sha(models):
+    with open(models / "vehicle_classifier.onnx", "ab") as handle:
+        handle.write(b"\0")
+    return "vehicle_classifier.onnx does not match vehicle_classifier.json: sha256"
+
+
+def break_onnx_content(models):
+    onnx_path = models / "dehazer.onnx"
+    onnx_path.write_bytes(b"this is not a protobuf" * 10)
+    edit_json(models / "dehazer.json", sha256=runtime.sha256_of(onnx_path))
+    return "dehazer.onnx cannot be loaded by onnxruntime"
+
+
+def break_task(models):
+    edit_json(models / "vehicle_classifier.json", task="dehaze")
+    return "task is 'dehaze', expected 'classify'"
+
+
+def break_labels(models):
+    edit_json(models / "vehicle_classifier.json", labels=["bus", "car", "truck", "van"])
+    return "output has 3 classes for 4 labels"
+
+
+def break_size(models):
+    contract = json.loads((models / "vehicle_classifier.json").read_text())
+    edit_json(models / "vehicle_classifier.json", input={**contract["input"], "height": 41})
+    return "has height 40, the contract says 41"
+
+
+def break_input_name(models):
+    contract = json.loads((models / "dehazer.json").read_text())
+    edit_json(models / "dehazer.json", input={**contract["input"], "name": "image"})
+    return "graph has no input 'image'"
+
+
+@pytest.mark.parametrize("breaker", [break_missing_json, break_invalid_json, break_missing_onnx, break_sha,
+                                     break_onnx_content, break_task, break_labels, break_size, break_input_name])
+def test_a_bad_model_directory_is_refused_naming_the_file(models, breaker):
+    expected = breaker(models)
+    with pytest.raises(ModelError, match=expected):
+        runtime.check_models(models)
+
+
+def test_provider_preferences(standins, monkeypatch):
+    with pytest.raises(ModelError, match="not one of auto, cpu, cuda, tensorrt"):
+        runtime.load_model(standins, "classify", 1, preference="gpu")
+    assert runtime.load_model(standins, "classify", 1, preference="cpu").provider == "CPUExecutionProvider"
+    if runtime._gpu_present():
+        pytest.skip("an NVIDIA device is present; a CUDA-or-fail request may legitimately succeed")
+    with pytest.raises(ModelError, match="ROADSIGHT_PROVIDER=cuda but vehicle_classifier.onnx runs on CPU"):
+        runtime.load_model(standins, "classify", 1, preference="cuda")
+
+
+def test_cores_and_models_dir(monkeypatch, tmp_path):
+    assert 1 <= runtime.available_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setenv("ROADSIGHT_MODELS_DIR", str(tmp_path))
+    assert runtime.default_models_dir() == tmp_path
+    monkeypatch.delenv("ROADSIGHT_MODELS_DIR")
+    assert runtime.default_models_dir() == REPO / "models"
+
+
+def test_serving_never_imports_torch(standins):
+    code = ("import sys; import serving.service as s; svc = s.Roadsight.inner(); "
+            "assert svc.classifier.session and svc.dehazer.session; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'mlflow', 'training')); "
+            "assert not bad, bad; print('torch-free')")
+    env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(standins), "BENTOML_DO_NOT_TRACK": "true"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "torch-free" in result.stdout, result.stderr[-3000:]
