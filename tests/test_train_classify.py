@@ -60,3 +60,17 @@ def test_head_only_epochs_train_the_final_layer_alone(tmp_path, mlflow_store):
         changed = not torch.equal(before, trained[name])
         assert changed == name.startswith("backbone.fc."), name  # BN statistics included
     assert isinstance(result.model.backbone.fc, nn.Linear)
+
+
+def test_linear_probe_alone_fits_the_head_by_lbfgs(tmp_path, mlflow_store):
+    result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-3, val_fraction=0.0))
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["probe_seconds"] > 0
+    torch.manual_seed(0)
+    from training.nets import build_classifier
+
+    initial = build_classifier("cnn", 3, (32, 32), depth=2, width=8)
+    trained = result.model.state_dict()
+    changed = {n for n, before in initial.state_dict().items() if not torch.equal(before, trained[n])}
+    assert changed == {"backbone.fc.weight", "backbone.fc.bias"}

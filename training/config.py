@@ -32,6 +32,9 @@ class ClassifyConfig:
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy")
     head_only_epochs: int = opt(0, "first N epochs train only the final linear layer, the rest frozen with its "
                                    "BatchNorm statistics (linear probing; then fine-tuning: LP-FT)")
+    linear_probe_l2: float = opt(0.0, "before any epoch, fit the final layer by L-BFGS logistic regression on the "
+                                      "frozen features of the training images (and their mirror images) with this "
+                                      "L2 strength; 0: off. With --epochs 0 that is the whole training")
     backbone_lr_scale: float = opt(1.0, "learning-rate multiplier for every layer but the final one")
     ema_decay: float = opt(0.0, "exponential moving average of weights, evaluated and kept if > 0 (e.g. 0.99)")
     split: str = opt("tail", "tail: last N%% of each class by name is test (the lab's); random: seeded",

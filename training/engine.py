@@ -73,7 +73,7 @@ def make_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimiz
 
 def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total > 0:
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                                    total_steps=total, pct_start=0.2)
     if cfg.schedule == "cosine":
@@ -103,6 +103,35 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
     return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+
+
+def fit_linear_probe(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, l2: float,
+                     device: torch.device) -> None:
+    """Fit the final linear layer as an L2-regularised logistic regression on frozen features.
+
+    The standard linear-probe protocol for pretrained backbones: features of every training image
+    and its mirror image are taken once (eval mode), then full-batch L-BFGS minimises mean
+    cross-entropy + l2/2 * ||W||^2. Frozen pretrained features keep what makes them robust to
+    distribution shift; fine-tuning them on a small set is what distorts them.
+    """
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().cpu()))
+    try:
+        predict_logits(model, torch.cat([images, images.flip(-1)]), device)
+    finally:
+        hook.remove()
+    features, targets = torch.cat(captured).to(device), torch.cat([labels, labels]).to(device)
+    weight, bias = head.weight, head.bias
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight.T + bias, targets) + l2 / 2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
 
 
 @torch.no_grad()
@@ -177,6 +206,15 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
                                  "classes": split.classes, **{f"data.{k}": v for k, v in split.summary().items()}})
             mlflow.log_text("\n".join(f"{p}\t{why}" for p, why in split.excluded) or "none", "data/excluded.tsv")
         evaluated = ema.module if ema is not None else model
+        if cfg.linear_probe_l2 > 0 and start_epoch == 0:
+            tick = time.perf_counter()
+            fit_linear_probe(model, train_x, train_y, cfg.linear_probe_l2, device)
+            probe = {"probe_seconds": time.perf_counter() - tick, **evaluate(model, test_x, test_y, split.classes, device)[0]}
+            if val_x is not None:
+                probe.update(evaluate(model, val_x, val_y, split.classes, device, "val")[0])
+            mlflow.log_metrics(probe, step=0)
+            if ema is not None:
+                ema.module.load_state_dict(model.state_dict())
         started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
         for epoch in range(start_epoch, cfg.epochs):
             tick = time.perf_counter()
