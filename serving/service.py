@@ -9,7 +9,7 @@ Endpoints (multipart form uploads; errors are JSON ``{"error": ...}`` with a 4xx
 - ``POST /dehaze``          field ``image`` (+ ``format`` png|jpeg, ``quality``, ``downscale``): the image
 - ``POST /classify_tensors`` the batched inner method (JSON ``{"tensors": [base64 uint8 CHW, ...]}``)
 - ``GET /info``             models, versions (sha256), provider, input sizes, limits, observed batch sizes
-- ``GET /livez``, ``/readyz``, ``/metrics`` (BentoML's own), ``/docs`` (OpenAPI UI)
+- ``GET /livez``, ``/readyz``, ``/metrics`` (BentoML's own), ``/`` (OpenAPI UI)
 
 Single /classify requests are decoded and resized on their own, then handed to ``classify_tensors``
 through BentoML's adaptive batching (``batchable=True``), so concurrent requests share one

@@ -1,6 +1,7 @@
 """The BentoML service, end to end: a real `bentoml serve` on 127.0.0.1, real images from tests/data.
 
-It serves models/ (the shipped models; all four files required, so a missing one fails here loudly).
+It serves models/ (the shipped models; all four files required, so a missing one fails here loudly),
+or the directory in ROADSIGHT_TEST_MODELS_DIR.
 Only while models/ holds no shipped model at all does it serve stand-ins generated for the session
 (tests/standin_models.py), with a warning. Expected outputs are computed independently from each
 model's JSON contract with onnxruntime, so the same tests hold for either.
@@ -54,6 +55,8 @@ class Server:
 
 
 def serving_models(tmp_path_factory) -> tuple[Path, bool]:
+    if os.environ.get("ROADSIGHT_TEST_MODELS_DIR"):  # e.g. a fresh export, before it is copied to models/
+        return Path(os.environ["ROADSIGHT_TEST_MODELS_DIR"]), True
     if any((SHIPPED / name).exists() for name in SHIPPED_FILES):
         return SHIPPED, True
     warnings.warn("models/ holds no shipped model yet: the service tests ran on generated stand-in models")
