@@ -5,7 +5,7 @@ import sys
 import mlflow
 import torch
 
-from conftest import tiny_config
+from conftest import SAMPLE, tiny_config
 from training.engine import train_classifier
 
 EXPECTED_EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1",
@@ -74,3 +74,25 @@ def test_linear_probe_alone_fits_the_head_by_lbfgs(tmp_path, mlflow_store):
     trained = result.model.state_dict()
     changed = {n for n, before in initial.state_dict().items() if not torch.equal(before, trained[n])}
     assert changed == {"backbone.fc.weight", "backbone.fc.bias"}
+
+
+def test_sigterm_marks_the_run_killed_and_leaves_a_checkpoint(tmp_path, mlflow_store):
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [sys.executable, "-m", "training.cli", "train", "classify", "--data", str(SAMPLE / "vehicles"), "--net", "cnn",
+           "--image-size", "32", "--epochs", "500", "--batch-size", "8", "--no-log-model",
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--experiment", "test-kill"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr
+    (run,) = mlflow.search_runs(experiment_names=["test-kill"], output_format="list")
+    assert run.info.status == "KILLED"
+    assert torch.load(next((tmp_path / "ckpt").glob("*/last.pt")), weights_only=True)["epoch"] >= 1

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -180,8 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends runs as KILLED and resumable, like Ctrl-C
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)  # imports may add handlers

@@ -206,6 +206,7 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
                                  "classes": split.classes, **{f"data.{k}": v for k, v in split.summary().items()}})
             mlflow.log_text("\n".join(f"{p}\t{why}" for p, why in split.excluded) or "none", "data/excluded.tsv")
         evaluated = ema.module if ema is not None else model
+        started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
         if cfg.linear_probe_l2 > 0 and start_epoch == 0:
             tick = time.perf_counter()
             fit_linear_probe(model, train_x, train_y, cfg.linear_probe_l2, device)
@@ -215,7 +216,6 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
             mlflow.log_metrics(probe, step=0)
             if ema is not None:
                 ema.module.load_state_dict(model.state_dict())
-        started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
         for epoch in range(start_epoch, cfg.epochs):
             tick = time.perf_counter()
             freeze_all_but_head(model, frozen=epoch < cfg.head_only_epochs)
