@@ -217,7 +217,12 @@ _info_app = Starlette(routes=[Route("/info", _info_endpoint, methods=["GET"])])
 
 
 @bentoml.asgi_app(_info_app, path="/")
-@bentoml.service(name="roadsight", workers=WORKERS, threads=2, traffic={"timeout": TIMEOUT_S})
+# runner_connection: BentoML 1.4.39 renews the client session of the service's own proxy every 100
+# requests / 300 s and closes the old one with requests still in flight on it ("Server
+# disconnected", seen as 500s under load); the proxy is in-process (an ASGI connector, no sockets),
+# so it never needs renewing.
+@bentoml.service(name="roadsight", workers=WORKERS, threads=2, traffic={"timeout": TIMEOUT_S},
+                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
 class Roadsight:
     """Vehicle classification (bus / car / truck) and image dehazing with the shipped ONNX models."""
 
@@ -314,15 +319,22 @@ class Roadsight:
     async def _classify_prepared(self, tensors: list[str]) -> list[dict] | JSONResponse:
         from bentoml.exceptions import BentoMLException
 
-        try:
-            results = await self.to_async.classify_tensors(tensors)
-        except BentoMLException as exc:
-            status = int(exc.error_code)
-            if status == 503:
-                return _error(503, f"overloaded: the classifier could not meet its {MAX_LATENCY_MS} ms latency "
-                                   "target for this request; retry shortly", headers={"Retry-After": "1"})
-            log.error("classify_tensors failed with %s: %s", status, exc.message)
-            return _error(500, "classification failed; see the server log")
+        for attempt in (1, 2):
+            try:
+                results = await self.to_async.classify_tensors(tensors)
+                break
+            except BentoMLException as exc:
+                status = int(exc.error_code)
+                if status == 503:
+                    return _error(503, f"overloaded: the classifier could not meet its {MAX_LATENCY_MS} ms latency "
+                                       "target for this request; retry shortly", headers={"Retry-After": "1"})
+                log.error("classify_tensors failed with %s: %s", status, exc.message)
+                return _error(500, "classification failed; see the server log")
+            except Exception:  # the in-process connection itself failed: retry once, it is idempotent
+                if attempt == 2:
+                    log.exception("calling classify_tensors failed twice")
+                    return _error(500, "classification failed; see the server log")
+                log.warning("calling classify_tensors failed; retrying once", exc_info=True)
         if any("error" in result for result in results):
             log.error("classify_tensors refused the service's own tensors: %s", results)
             return _error(500, "classification failed; see the server log")

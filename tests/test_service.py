@@ -213,6 +213,19 @@ def test_a_concurrent_burst_is_batched(server, direct):
     print(f"onnxruntime batch sizes during the burst of 32 (size: runs): { {k: v for k, v in burst.items() if v} }")
 
 
+def test_sustained_concurrency_never_drops_requests(server):
+    """Over 100 in-process calls, concurrently: BentoML 1.4.39 renews its proxy session every 100
+    requests and used to cut the calls in flight on it (500s); the service configures that off."""
+    data = VEHICLES[0].read_bytes()
+    with httpx.Client(timeout=120) as client:
+        def one(_):
+            return client.post(server.url + "/classify", files={"image": ("car.jpg", data, "image/jpeg")}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(one, range(120)))
+    assert statuses == [200] * 120, sorted(set(statuses))
+
+
 @pytest.mark.parametrize("path", HAZY[:3] + HAZY[-3:], ids=lambda p: p.stem)
 def test_dehaze_returns_the_same_size_png(server, direct, path):
     response = server.post("/dehaze", **upload(path))
