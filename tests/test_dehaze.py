@@ -111,7 +111,7 @@ def test_the_dehazer_takes_any_size_through_the_pad_helper(size):
     model = get_model("dehazer").eval()
     assert model.pad_multiple == 8
     with torch.no_grad():
-        for p in model.head.parameters():
+        for p in [*model.head.parameters(), *model.global_head.parameters()]:
             p.normal_(0, 0.1)
         x = torch.rand(2, 3, *size)
         y = dehaze_padded(model, x)

@@ -6,6 +6,12 @@ The network therefore predicts a per-pixel, per-channel gain and offset at half 
 (cheap, and the maps are smooth) which a last full-resolution convolution sharpens at edges;
 the output is the hazy input plus that correction, clipped to [0, 1]. Fine detail comes straight
 from the input instead of having to pass through the bottleneck.
+
+On the course data the haze is nearly uniform: one per-channel gain and offset fitted to each test
+pair (an oracle) already scores 30.4 dB against 17.6 dB for the hazy input. A local receptive field
+sees too little of the image to estimate that map, so a global branch (average-pooled bottleneck
+features, two linear layers) predicts it for the whole image and the local head adds the parts
+that vary with depth.
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 class Dehazer(nn.Module):
     """Encoder at 1/2, 1/4, 1/8 resolution; at 1/8, ``blocks`` residual blocks of dilated
     convolutions (one HDC group of ``rates`` each: a sawtooth that widens the context without
-    gridding, cheap at that resolution); decoder with skips; a full-resolution head mapping
-    (features, input) to gain and offset. Input and output are float NCHW RGB in [0, 1]; H and W
+    gridding, cheap at that resolution); a global gain/offset from the pooled bottleneck; decoder
+    with skips; a full-resolution head mapping (features, input) to local gain and offset. Input and output are float NCHW RGB in [0, 1]; H and W
     must be multiples of ``pad_multiple`` (see :func:`dehaze_padded`)."""
 
     pad_multiple = 8
@@ -46,9 +52,11 @@ class Dehazer(nn.Module):
         self.context = nn.ModuleList(nn.Sequential(*[_conv(w3, w3, dilation=r) for r in rates]) for _ in range(blocks))
         self.dec2 = _conv(w3 + w2, w2)
         self.dec1 = _conv(w2 + w1, w1)
+        self.global_head = nn.Sequential(nn.Linear(w3, w3), nn.ReLU(inplace=True), nn.Linear(w3, 6))
         self.head = nn.Conv2d(w1 + 3, 6, 3, padding=1)
-        nn.init.zeros_(self.head.weight)  # start as the identity: output = hazy input
-        nn.init.zeros_(self.head.bias)
+        for last in (self.head, self.global_head[-1]):  # start as the identity: output = hazy input
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         e1 = self.enc1(x)
@@ -58,7 +66,8 @@ class Dehazer(nn.Module):
             e3 = e3 + block(e3)
         d2 = self.dec2(torch.cat([_up(e3), e2], dim=1))
         d1 = self.dec1(torch.cat([_up(d2), e1], dim=1))
-        gain, offset = self.head(torch.cat([_up(d1), x], dim=1)).chunk(2, dim=1)
+        whole_image = self.global_head(e3.mean(dim=(2, 3)))[:, :, None, None]
+        gain, offset = (self.head(torch.cat([_up(d1), x], dim=1)) + whole_image).chunk(2, dim=1)
         return torch.clamp(x + gain * x + offset, 0.0, 1.0)
 
 
