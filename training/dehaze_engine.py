@@ -25,7 +25,7 @@ from . import tracking
 from .config import DehazeBaselineConfig, DehazeConfig
 from .data.dehaze import DehazeSplit, load_pair, load_pairs, random_crops, split_dehaze
 from .dcp import dehaze_dcp
-from .engine import make_scheduler, resolve_device, seed_everything
+from .engine import make_scheduler, resolve_device, restore_checkpoint, seed_everything
 from .image_metrics import mean_scores, psnr, quantize, ssim_map, to_unit
 from .nets import count_parameters, get_model, model_task
 from .nets.dehazer import dehaze_padded
@@ -122,13 +122,9 @@ def train_dehazer(cfg: DehazeConfig, nested: bool = False) -> DehazeResult:
 
     start_epoch, history, run_id = 0, [], None
     if cfg.resume:
-        state = torch.load(cfg.resume, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore_checkpoint(cfg.resume, device, model, optimizer, scheduler)
         generator.set_state(state["generator"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
-        log.info("resuming %s at epoch %d (MLflow run %s)", cfg.resume, start_epoch + 1, run_id)
 
     with tracking.tracked_run(cfg.experiment, cfg.run_name or cfg.net, run_id=run_id, nested=nested,
                               tags={"task": "dehaze", "net": cfg.net}) as run:

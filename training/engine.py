@@ -81,6 +81,17 @@ def make_scheduler(cfg: ClassifyConfig, optimizer: torch.optim.Optimizer, steps_
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def restore_checkpoint(path: str, device: torch.device, model: nn.Module, optimizer, scheduler) -> dict:
+    """Load an epoch checkpoint into model, optimiser and scheduler; the caller takes what else it
+    saved (epoch, history, MLflow run id, EMA or generator state) from the returned dict."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log.info("resuming %s at epoch %d (MLflow run %s)", path, state["epoch"] + 1, state["run_id"])
+    return state
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, device: torch.device,
                     augment: nn.Module, label_smoothing: float = 0.0, ema: AveragedModel | None = None,
                     desc: str = "train") -> dict[str, float]:
@@ -188,14 +199,10 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
 
     start_epoch, history, run_id = 0, [], None
     if cfg.resume:
-        state = torch.load(cfg.resume, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = restore_checkpoint(cfg.resume, device, model, optimizer, scheduler)
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
-        log.info("resuming %s at epoch %d (MLflow run %s)", cfg.resume, start_epoch + 1, run_id)
 
     with tracking.tracked_run(cfg.experiment, cfg.run_name or cfg.net, run_id=run_id, nested=nested,
                               tags={"task": "classify", "net": cfg.net}) as run:
