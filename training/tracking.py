@@ -64,7 +64,8 @@ def curves_figure(history: Sequence[dict[str, float]], panels: dict[str, Sequenc
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -108,7 +109,8 @@ def overlay_figure(histories: Sequence[tuple[str, Sequence[dict[str, float]]]], 
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
