@@ -159,9 +159,10 @@ def test_dark_channel_prior_removes_haze_from_a_sample_pair(sample_pairs):
 
 
 def test_baselines_leave_an_mlflow_run(mlflow_store):
-    metrics = run_baselines(DehazeBaselineConfig(data=str(DEHAZE), experiment="test-dehaze"))
+    result = run_baselines(DehazeBaselineConfig(data=str(DEHAZE), experiment="test-dehaze"))
+    metrics = result.metrics
     run = mlflow.search_runs(experiment_names=["test-dehaze"], output_format="list")[0]
-    assert run.data.metrics == pytest.approx(metrics)
+    assert run.info.run_id == result.run_id and run.data.metrics == pytest.approx(metrics)
     assert metrics["dcp_psnr"] > metrics["identity_psnr"]
     assert run.data.params["omega"] == "0.95" and run.data.params["data.test"] == "2"
 

@@ -83,7 +83,7 @@ def cmd_dehaze_baseline(args: argparse.Namespace) -> int:
     from .config import DehazeBaselineConfig
     from .dehaze_engine import run_baselines
 
-    m = run_baselines(config_from_args(DehazeBaselineConfig, args))
+    m = run_baselines(config_from_args(DehazeBaselineConfig, args)).metrics
     print(f"identity (hazy input): PSNR {m['identity_psnr']:.2f} dB, SSIM {m['identity_ssim']:.4f}")
     print(f"dark-channel prior:    PSNR {m['dcp_psnr']:.2f} dB, SSIM {m['dcp_ssim']:.4f}")
     return 0
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment = commands.add_parser("experiment", help="run one lab study as nested MLflow runs")
     experiment.add_argument("name", choices=list(STUDIES))
     experiment.add_argument("--quick", action="store_true", help="tiny images, one epoch: a smoke run of minutes")
-    experiment.add_argument("--data", default="../shared/data/vehicles", help="vehicle folder")
+    experiment.add_argument("--data", help="dataset folder (default: the course's vehicles, or dehaze pairs for "
+                                           "the dehaze study, in ../shared/data)")
     experiment.add_argument("--epochs", type=int, help="override the study's epochs")
     experiment.set_defaults(handler=cmd_experiment)
 

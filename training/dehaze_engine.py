@@ -197,19 +197,28 @@ def _log_artifacts(cfg: DehazeConfig, model: nn.Module, split: DehazeSplit, imag
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def run_baselines(cfg: DehazeBaselineConfig) -> dict[str, float]:
+@dataclass
+class BaselineResult:
+    run_id: str
+    metrics: dict[str, float]
+
+
+def run_baselines(cfg: DehazeBaselineConfig, nested: bool = False) -> BaselineResult:
     """Score doing nothing (the hazy image) and the dark-channel prior on the test pairs."""
     split = _split(cfg)
     images = load_pairs(split.test)
+    tick = time.perf_counter()
     outputs = [quantize(dehaze_dcp(hazy.numpy(), **cfg.dcp_options())) for hazy, _ in images]
+    dcp_seconds = time.perf_counter() - tick
     identity = mean_scores((hazy.numpy(), clear.numpy()) for hazy, clear in images)
     dcp = mean_scores(zip(outputs, (clear.numpy() for _, clear in images)))
     metrics = {"identity_psnr": identity["psnr"], "identity_ssim": identity["ssim"],
-               "dcp_psnr": dcp["psnr"], "dcp_ssim": dcp["ssim"]}
-    with tracking.tracked_run(cfg.experiment, cfg.run_name, tags={"task": "dehaze", "net": "baselines"}):
+               "dcp_psnr": dcp["psnr"], "dcp_ssim": dcp["ssim"], "dcp_seconds": dcp_seconds}
+    with tracking.tracked_run(cfg.experiment, cfg.run_name, nested=nested,
+                              tags={"task": "dehaze", "net": "baselines"}) as run:
         tracking.log_params({**asdict(cfg), "test_pairs": len(images)})
         _log_data(split)
         mlflow.log_metrics(metrics)
         tracking.log_figure(_comparison_grid(split, images, outputs, "DCP"), "plots/comparison.png")
         _log_per_image(split, images, outputs, "metrics/test_per_image.tsv")
-    return metrics
+    return BaselineResult(run.info.run_id, metrics)

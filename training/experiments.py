@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from . import tracking
-from .config import ClassifyConfig
+from .config import ClassifyConfig, DehazeBaselineConfig, DehazeConfig
 from .data.vehicles import load_images, split_vehicles
+from .dehaze_engine import run_baselines, train_dehazer
 from .engine import train_classifier
 from .nets import model_options
 from .nets.cnn import receptive_field
 from .nets.handwritten import HandConv2d, LoopConv2d
 
 STUDY_EXPERIMENT = "lab-studies"
+VEHICLE_DATA, DEHAZE_DATA = "../shared/data/vehicles", "../shared/data/dehaze"
 
 
 @dataclass
@@ -33,6 +35,12 @@ class Study:
     measure: Callable[[ClassifyConfig], dict[str, float]] | None = None  # extra parent-run measurements
     notes: dict[str, str] = field(default_factory=dict)  # per-setting remarks shown in the report
     uses_recipe: bool = False  # settings start from the default recipe instead of the lab's CNN setting
+    task: str = "classify"  # "dehaze": the dehazer against its baselines on the dehazing pairs
+    curves: tuple[str, ...] = ("train_loss", "test_accuracy")  # per-epoch metrics the report overlays
+
+    @property
+    def default_data(self) -> str:
+        return DEHAZE_DATA if self.task == "dehaze" else VEHICLE_DATA
 
 
 def _best_worst(rows: list[dict], key: str = "test_accuracy") -> str:
@@ -63,6 +71,11 @@ def _conclude_robustness(rows: list[dict]) -> str:
     lines = [f"- {r['setting']}: night accuracy {r.get('test_accuracy_dark', float('nan')):.3f}, "
              f"day accuracy {r.get('test_accuracy_bright', float('nan')):.3f}" for r in rows]
     return "\n".join(lines + [_best_worst(rows, "test_accuracy_dark").replace("Best", "Most robust at night")])
+
+
+def _conclude_dehaze(rows: list[dict]) -> str:
+    return " ".join(_pair(rows, "encoder-decoder", other, key) for other in ("dark-channel prior", "identity (hazy input)")
+                    for key in ("test_psnr", "test_ssim"))
 
 
 def measure_handwritten(cfg: ClassifyConfig) -> dict[str, float]:
@@ -119,6 +132,11 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("resnet-vs-plain", "Do residual connections help at equal depth (18 layers)?",
           [("resnet18", {"net": "resnet18"}), ("plain18", {"net": "plain18"})],
           lambda rows: _pair(rows, "resnet18", "plain18") + " " + _pair(rows, "resnet18", "plain18", "train_accuracy")),
+    Study("dehaze", "How far does the encoder-decoder get beyond the dark-channel prior and the hazy input itself?",
+          [("encoder-decoder", {}), ("dark-channel prior", {}), ("identity (hazy input)", {})],
+          _conclude_dehaze, task="dehaze", curves=("train_loss", "eval_psnr"),
+          notes={"encoder-decoder": "whole test images at full resolution, 8-bit output",
+                 "dark-channel prior": "He et al. with guided-filter refinement"}),
     Study("robustness", "How much of the tail split's night shift does the default recipe handle?",
           [("default recipe", {}),
            ("naive: x/255, flips+crops", {"normalization": "scale", "augment": "basic"}),
@@ -135,26 +153,57 @@ def study_options(study: Study, quick: bool) -> dict:
     return {} if study.uses_recipe else dict(image_size=64, epochs=15, batch_size=64)
 
 
-def run_study(name: str, data: str, quick: bool = False, epochs: int | None = None) -> str:
-    """Run every setting of study ``name`` as nested runs; return the parent run id."""
+def classify_rows(study: Study, base: dict, data: str, quick: bool) -> list[dict]:
+    """Train one classifier per setting as a child run; one row of final metrics each."""
+    rows = []
+    for label, overrides in study.settings:
+        cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, run_name=f"{study.name}: {label}",
+                             log_model=False, **(base | overrides))
+        if quick and "width" in model_options(cfg.net):
+            cfg.net_options = {**(cfg.net_options or {}), "width": 8}
+        result = train_classifier(cfg, nested=True)
+        rows.append({"setting": label, "run_id": result.run_id, **result.metrics,
+                     "train_accuracy": result.history[-1]["train_accuracy"]})
+    if study.measure is not None:
+        mlflow.log_metrics(study.measure(ClassifyConfig(data=data, image_size=base.get("image_size", 64))))
+    return rows
+
+
+def dehaze_rows(study: Study, base: dict, data: str, quick: bool) -> list[dict]:
+    """The dehazer (the default recipe) and the baselines as two child runs; a row per method."""
+    dehazer = train_dehazer(DehazeConfig(data=data, experiment=STUDY_EXPERIMENT, run_name=f"{study.name}: encoder-decoder",
+                                         log_model=False, **base), nested=True)
+    baselines = run_baselines(DehazeBaselineConfig(data=data, experiment=STUDY_EXPERIMENT,
+                                                   run_name=f"{study.name}: identity and DCP"), nested=True)
+    b = baselines.metrics
+    return [{"setting": "encoder-decoder", "run_id": dehazer.run_id, **dehazer.metrics},
+            {"setting": "dark-channel prior", "run_id": baselines.run_id, "test_psnr": b["dcp_psnr"],
+             "test_ssim": b["dcp_ssim"], "total_seconds": b["dcp_seconds"]},
+            {"setting": "identity (hazy input)", "run_id": baselines.run_id, "test_psnr": b["identity_psnr"],
+             "test_ssim": b["identity_ssim"], "total_seconds": 0.0}]
+
+
+def study_options(study: Study, quick: bool) -> dict:
+    """The options every setting of ``study`` starts from: the lab's CNN setting (64 px, 15 epochs),
+    the default recipe for studies about it (and for dehazing); ``quick`` shrinks either to a smoke run."""
+    if study.task == "dehaze":
+        return dict(epochs=1, crop_size=32, crops_per_image=1, eval_subset=1, net_options={"width": 8}) if quick else {}
+    if quick:
+        return dict(image_size=48, epochs=1, batch_size=16)  # 48 px: the unpadded dilated net needs it
+    return {} if study.uses_recipe else dict(image_size=64, epochs=15, batch_size=64)
+
+
+def run_study(name: str, data: str | None = None, quick: bool = False, epochs: int | None = None) -> str:
+    """Run every setting of study ``name`` as nested runs (data: the study's dataset folder, by
+    default the course's beside the checkout); return the parent run id."""
     if name not in STUDIES:
         raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     study = STUDIES[name]
     base = study_options(study, quick) | ({"epochs": epochs} if epochs else {})
+    run_settings = dehaze_rows if study.task == "dehaze" else classify_rows
     with tracking.tracked_run(STUDY_EXPERIMENT, run_name=name, tags={"study": name, "quick": str(quick)}) as parent:
         tracking.log_params({"study": name, "question": study.question, "quick": quick, **base})
-        rows = []
-        for label, overrides in study.settings:
-            options = base | overrides
-            cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, run_name=f"{name}: {label}", log_model=False,
-                                 **options)
-            if quick and "width" in model_options(cfg.net):
-                cfg.net_options = {**(cfg.net_options or {}), "width": 8}
-            result = train_classifier(cfg, nested=True)
-            rows.append({"setting": label, "run_id": result.run_id, **result.metrics,
-                         "train_accuracy": result.history[-1]["train_accuracy"]})
-        if study.measure is not None:
-            mlflow.log_metrics(study.measure(ClassifyConfig(data=data, image_size=base.get("image_size", 64))))
+        rows = run_settings(study, base, data or study.default_data, quick)
         mlflow.log_dict({"rows": rows, "notes": study.notes}, "study/rows.json")
         mlflow.log_text(study.conclude(rows), "study/conclusion.md")
     return parent.info.run_id

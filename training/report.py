@@ -8,12 +8,14 @@ import json
 from pathlib import Path
 
 import mlflow
+from PIL import Image
 
 from . import tracking
-from .experiments import STUDIES, STUDY_EXPERIMENT
+from .experiments import STUDIES, STUDY_EXPERIMENT, Study
 
 TABLE_METRICS = ("test_accuracy", "test_macro_f1", "test_accuracy_dark", "test_accuracy_bright", "train_accuracy",
-                 "total_seconds")
+                 "test_psnr", "test_ssim", "test_megapixels_per_second", "total_seconds")
+GRID_WIDTH = 900  # px: comparison grids are photos, kept small as JPEG in the committed report
 
 
 def latest_study_runs(client: mlflow.MlflowClient, experiment_id: str) -> dict[str, object]:
@@ -29,18 +31,41 @@ def latest_study_runs(client: mlflow.MlflowClient, experiment_id: str) -> dict[s
     return chosen
 
 
-def _curves(client: mlflow.MlflowClient, rows: list[dict], out: Path, stem: str) -> str:
+def _curves(client: mlflow.MlflowClient, study: Study, rows: list[dict], out: Path) -> str:
     histories = []
     for row in rows:
         points = {}
-        for key in ("train_loss", "test_accuracy"):
+        for key in study.curves:
             for m in client.get_metric_history(row["run_id"], key):
                 points.setdefault(m.step, {"epoch": m.step})[key] = m.value
         histories.append((row["setting"], [points[s] for s in sorted(points)]))
-    fig = tracking.overlay_figure(histories, ("train_loss", "test_accuracy"))
-    fig.savefig(out / f"{stem}.png", dpi=80)
+    fig = tracking.overlay_figure(histories, study.curves)
+    fig.savefig(out / f"{study.name}.png", dpi=80)
     tracking.close(fig)
-    return f"{stem}.png"
+    return f"{study.name}.png"
+
+
+def _comparison_grids(client: mlflow.MlflowClient, rows: list[dict], out: Path, stem: str) -> list[str]:
+    """Each child run's ``plots/comparison.png`` (hazy | output | clear), downscaled to a JPEG."""
+    grids, seen = [], set()
+    for row in rows:
+        run_id = row["run_id"]
+        if run_id in seen or "plots/comparison.png" not in {a.path for a in client.list_artifacts(run_id, "plots")}:
+            continue
+        seen.add(run_id)
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots/comparison.png")
+        image = Image.open(local).convert("RGB")
+        image.thumbnail((GRID_WIDTH, GRID_WIDTH * 4), Image.Resampling.LANCZOS)
+        name = f"{stem}-{len(grids) + 1}.jpg"
+        image.save(out / name, quality=85)
+        grids.append(name)
+    return grids
+
+
+def _number(value: float | None, metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if metric == "total_seconds" else f"{value:.2f}" if metric == "test_psnr" else f"{value:.3f}"
 
 
 def build_report(out_dir: str | Path) -> Path:
@@ -69,13 +94,15 @@ def build_report(out_dir: str | Path) -> Path:
         settings = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
         metrics = [m for m in TABLE_METRICS if any(m in r for r in rows)]
         header = ["setting", *metrics, "note"]
-        table = [[r["setting"], *(f"{r[m]:.3f}" if m != "total_seconds" else f"{r[m]:.0f}" for m in metrics),
+        table = [[r["setting"], *(_number(r.get(m), m) for m in metrics),
                   next((v for k, v in notes.items() if r["setting"].startswith(k)), "")] for r in rows]
-        image = _curves(client, rows, out, name)
+        image = _curves(client, study, rows, out)
+        grids = _comparison_grids(client, rows, out, name)
         extra = {k: v for k, v in run.data.metrics.items()}
         md += [f"Settings: {settings} (MLflow run `{run.info.run_id}`)", "",
                "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                *("| " + " | ".join(r) + " |" for r in table), "", f"![{name} curves]({image})", "",
+               *(f"![{name}: hazy | output | clear]({g})" for g in grids), "",
                "**Conclusion.** " + conclusion, ""]
         if extra:
             md += ["Measurements: " + ", ".join(f"{k} = {v:.3g}" for k, v in sorted(extra.items())), ""]
@@ -83,6 +110,7 @@ def build_report(out_dir: str | Path) -> Path:
                  "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
                  *("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table), "</table>",
                  f'<p><img src="{image}" alt="{html.escape(name)} curves"></p>',
+                 *(f'<p><img src="{g}" alt="{html.escape(name)}: hazy | output | clear"></p>' for g in grids),
                  f"<p><strong>Conclusion.</strong> {html.escape(conclusion)}</p>"]
         if extra:
             body.append("<p>Measurements: " + html.escape(", ".join(f"{k} = {v:.3g}" for k, v in sorted(extra.items()))) + "</p>")
