@@ -1,0 +1,1 @@
+"""Performance measurements of serving and training (see benchmarks/README.md); not tests."""
