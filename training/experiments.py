@@ -42,6 +42,7 @@ class Study:
     notes: dict[str, str] = field(default_factory=dict)  # per-setting remarks shown in the report
     task: str = "classify"  # "dehaze": the dehazer against its baselines on the dehazing pairs
     curves: tuple[str, ...] = ("train_loss", "test_accuracy")  # per-epoch metrics the report overlays
+    epochs: int | None = None  # instead of the lab setting's 15 (a wide sweep on a 2-core CPU)
 
     @property
     def default_data(self) -> str:
@@ -122,7 +123,7 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
           + [(f"kernel={k}", {"net": "cnn", "net_options": {"kernel_size": k}}) for k in (3, 5, 7)]
           + [(f"batch={b}", {"net": "cnn", "batch_size": b}) for b in (16, 64, 256)]
           + [(f"lr={lr:g}", {"net": "cnn", "lr": lr}) for lr in (1e-4, 1e-3, 1e-2)],
-          _conclude_hyperparams),
+          _conclude_hyperparams, epochs=8),
     Study("alexnet-mlp", "How do AlexNet and an MLP compare with the CNN?",
           [("cnn", {"net": "cnn"}), ("alexnet", {"net": "alexnet"}), ("mlp", {"net": "mlp"})],
           lambda rows: _best_worst(rows) + " " + _pair(rows, "cnn", "mlp")),
@@ -189,7 +190,7 @@ def study_options(study: Study, quick: bool) -> dict:
         return dict(epochs=1, crop_size=32, crops_per_image=1, eval_subset=1, net_options={"width": 8}) if quick else {}
     if quick:
         return LAB_SETTING | dict(image_size=48, epochs=1, batch_size=16)  # 48 px: the unpadded dilated net needs it
-    return LAB_SETTING
+    return LAB_SETTING | ({"epochs": study.epochs} if study.epochs else {})
 
 
 def run_study(name: str, data: str | None = None, quick: bool = False, epochs: int | None = None) -> str:
