@@ -19,6 +19,10 @@ MAX_UPLOAD_BYTES = 32 * 2**20
 MAX_DECODE_PIXELS = 40_000_000  # Pillow's decompression-bomb threshold inside the service
 MAX_DEHAZE_PIXELS = 4_000_000  # the largest image /dehaze runs on (4 megapixels)
 MAX_DEHAZE_SIDE = 4096  # the dehazer graph is exported for H, W <= 4096
+# The formats the service decodes (JPEG includes the multi-picture JPEGs some phones save). Pillow
+# would otherwise try every plugin it has on untrusted bytes, rarely used decoders included, and hand
+# EPS/PostScript to Ghostscript where that is installed.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class InputError(ValueError):
@@ -41,18 +45,19 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode uploaded bytes to upright 8-bit RGB, or raise ``InputError`` saying what is wrong.
 
     EXIF orientation is applied and grayscale, palette, RGBA, CMYK and 16-bit images are converted
-    (``serving.images.to_rgb``); animations give their first frame. Images over ``max_pixels``
-    (default: Pillow's ``Image.MAX_IMAGE_PIXELS``) are refused before their pixels are decoded.
+    (``serving.images.to_rgb``); animations give their first frame. Only ``ACCEPTED_FORMATS`` are
+    decoded. Images over ``max_pixels`` (default: Pillow's ``Image.MAX_IMAGE_PIXELS``) are refused
+    before their pixels are decoded.
     """
     if not data:
         raise InputError("the uploaded image is empty (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"image refused as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise InputError(f"not an image (unrecognised format, {len(data)} bytes); send a JPEG, PNG, WebP, "
+        raise InputError(f"not an image in an accepted format ({len(data)} bytes); send a JPEG, PNG, WebP, "
                          "BMP, GIF or TIFF file") from exc
     except Exception as exc:  # Pillow raises many types on malformed headers
         raise InputError(f"cannot read the image header: {exc}") from exc

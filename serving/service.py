@@ -42,10 +42,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import processing
+from serving import bentoml_timeout, processing
 from serving.images import ENCODINGS, encode
 
 log = logging.getLogger("bentoml.roadsight")
+bentoml_timeout.install()  # BentoML's request timeout, minus its memory held for the whole timeout
 
 
 def _env_int(name: str, default: int) -> int:
@@ -61,6 +62,7 @@ MAX_BATCH_SIZE = _env_int("ROADSIGHT_MAX_BATCH_SIZE", 32)
 MAX_LATENCY_MS = _env_int("ROADSIGHT_MAX_LATENCY_MS", 500)
 TIMEOUT_S = _env_int("ROADSIGHT_TIMEOUT_S", 120)
 MAX_REQUEST_BYTES = _env_int("ROADSIGHT_MAX_REQUEST_BYTES", 64 * 2**20)
+UPLOAD_TIMEOUT_S = _env_int("ROADSIGHT_UPLOAD_TIMEOUT_S", 60)
 MAX_BATCH_IMAGES = 64
 
 
@@ -120,19 +122,24 @@ async def _info_endpoint(request: Request) -> Response:
 
 class _RequestGuard:
     """ASGI middleware that answers, with a JSON error, what BentoML's own request parsing would turn
-    into a 500: bodies over ``max_bytes`` (413), malformed multipart bodies, unknown form fields, a
-    file sent in a plain field or text in a file field (400), and non-POST calls of an API (405).
-    Text in a file field is refused rather than fetched as a URL, so the service never makes
-    outbound requests on a client's behalf."""
+    into a 500 or silently guess at: bodies over ``max_bytes`` (413), uploads still incomplete after
+    ``upload_timeout_s`` (408, before BentoML's whole-request timeout answers 504), malformed
+    multipart bodies, unknown form fields, a single-value field sent twice, a file sent in a plain
+    field or text in a file field (400), and non-POST calls of an API (405). Text in a file field is
+    refused rather than fetched as a URL, so the service never makes outbound requests on a
+    client's behalf."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, upload_timeout_s: float):
+        self.app, self.max_bytes, self.upload_timeout_s = app, max_bytes, upload_timeout_s
 
     @staticmethod
     @functools.cache
-    def _fields() -> dict[str, tuple[set[str], set[str]]]:
-        """Route -> (accepted field names, file fields), from the APIs' own input specs."""
-        return {method.route: (set(method.input_spec.model_fields), set(method.input_spec.multipart_fields))
+    def _fields() -> dict[str, tuple[set[str], set[str], set[str]]]:
+        """Route -> (accepted field names, file fields, fields that take a list), from the APIs' own
+        input specs."""
+        return {method.route: (set(method.input_spec.model_fields), set(method.input_spec.multipart_fields),
+                               {name for name, field in method.input_spec.model_fields.items()
+                                if t.get_origin(field.annotation) is list})
                 for method in Roadsight.apis.values()}
 
     async def __call__(self, scope, receive, send):
@@ -150,26 +157,19 @@ class _RequestGuard:
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(int(length))(scope, receive, send)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        accepted, files = fields
+        accepted, files, lists = fields
         if media_type != "multipart/form-data":
             if files and media_type not in ("", "application/json"):
                 example = " ".join(f"-F {name}=@photo.jpg" for name in sorted(files))
                 return await _error(415, f"{scope['path']} takes multipart/form-data uploads, not {media_type} "
                                          f"(e.g. curl {example} ...)")(scope, receive, send)
             return await self.app(scope, receive, send)
-        chunks, total = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.max_bytes:
-                return await self._too_large(total)(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        problem = await self._check_form(headers, body, accepted, files)
+        body = await self._receive_body(receive)
+        if body is None:  # the client went away
+            return
+        if isinstance(body, Response):
+            return await body(scope, receive, send)
+        problem = await self._check_form(headers, body, accepted, files, lists)
         if problem:
             return await _error(400, problem)(scope, receive, send)
         replayed = False
@@ -183,11 +183,30 @@ class _RequestGuard:
 
         await self.app(scope, replay, send)
 
+    async def _receive_body(self, receive) -> bytes | JSONResponse | None:
+        """The whole body, or the error for one over the size limit or too slow to arrive (a stalled
+        upload would otherwise hold its connection until the whole-request timeout); None when the
+        client disconnected."""
+        chunks, total = [], 0
+        with anyio.move_on_after(self.upload_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunks.append(message.get("body", b""))
+                total += len(chunks[-1])
+                if total > self.max_bytes:
+                    return self._too_large(total)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+        return _error(408, f"the upload did not arrive within {self.upload_timeout_s:g} s "
+                           f"({total / 2**20:.1f} MiB received)")
+
     def _too_large(self, size: int) -> JSONResponse:
         return _error(413, f"request body of {size / 2**20:.1f} MiB is over the {self.max_bytes / 2**20:.0f} MiB limit")
 
     @staticmethod
-    async def _check_form(headers, body: bytes, accepted: set[str], files: set[str]) -> str | None:
+    async def _check_form(headers, body: bytes, accepted: set[str], files: set[str], lists: set[str]) -> str | None:
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -201,6 +220,7 @@ class _RequestGuard:
         except Exception as exc:  # the multipart library raises several types on broken bodies
             return f"malformed multipart/form-data body: {exc or type(exc).__name__}"
         try:
+            sent = collections.Counter(name for name, _ in form.multi_items())
             for name, value in form.multi_items():
                 if name not in accepted:
                     return f"unexpected form field {name!r}; this endpoint takes {', '.join(sorted(accepted))}"
@@ -208,6 +228,8 @@ class _RequestGuard:
                     return f"field {name!r} must be a file upload, not a text value"
                 if name not in files and isinstance(value, UploadFile):
                     return f"field {name!r} takes a plain value, not a file"
+                if sent[name] > 1 and name not in lists:
+                    return f"field {name!r} was sent {sent[name]} times; it takes one value"
         finally:
             await form.close()
         return None
@@ -441,6 +463,7 @@ class Roadsight:
             "input_sizes": {"classifier": {"height": self.tensor_shape[1], "width": self.tensor_shape[2]},
                             "dehazer": {"pad_multiple": self.pad_multiple}},
             "limits": {"max_upload_bytes": processing.MAX_UPLOAD_BYTES, "max_request_bytes": MAX_REQUEST_BYTES,
+                       "upload_timeout_s": UPLOAD_TIMEOUT_S, "request_timeout_s": TIMEOUT_S,
                        "max_decode_pixels": Image.MAX_IMAGE_PIXELS, "max_dehaze_pixels": self.max_dehaze_pixels,
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
@@ -452,4 +475,4 @@ class Roadsight:
         }
 
 
-Roadsight.add_asgi_middleware(_RequestGuard, max_bytes=MAX_REQUEST_BYTES)
+Roadsight.add_asgi_middleware(_RequestGuard, max_bytes=MAX_REQUEST_BYTES, upload_timeout_s=UPLOAD_TIMEOUT_S)

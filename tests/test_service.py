@@ -1,7 +1,8 @@
 """The BentoML service, end to end: a real `bentoml serve` on 127.0.0.1, real images from tests/data.
 
-It serves models/ (the shipped models; all four files required, so a missing one fails here loudly),
-or the directory in ROADSIGHT_TEST_MODELS_DIR.
+The server (the session's, from tests/conftest.py, shared with tests/test_reliability.py) serves
+models/ (the shipped models; all four files required, so a missing one fails here loudly), or the
+directory in ROADSIGHT_TEST_MODELS_DIR.
 Only while models/ holds no shipped model at all does it serve stand-ins generated for the session
 (tests/standin_models.py), with a warning. Expected outputs are computed independently from each
 model's JSON contract with onnxruntime, so the same tests hold for either.
@@ -10,144 +11,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from conftest import REPO, SAMPLE
-from serving.images import open_rgb, stretch
-from standin_models import write_standin_models
+from conftest import DEHAZE_LIMIT, SAMPLE, assert_same_pixels, expected_dehazed, expected_probabilities
+from serving.images import open_rgb
 
 pytestmark = pytest.mark.slow
 
-SHIPPED = REPO / "models"
-SHIPPED_FILES = ("vehicle_classifier.json", "vehicle_classifier.onnx", "dehazer.json", "dehazer.onnx")
 VEHICLES = sorted((SAMPLE / "vehicles").glob("*/*.jpg"))
 HAZY = sorted((SAMPLE / "dehaze" / "hazy").glob("*.jpg"))
-DEHAZE_LIMIT = 25_000  # pixels, set small for the test server so the limit is exercised cheaply
-
-
-@dataclass
-class Server:
-    url: str
-    models_dir: Path
-    shipped: bool
-    log: Path
-
-    def post(self, route: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + route, timeout=60, **kwargs)
-
-    def info(self) -> dict:
-        return httpx.get(self.url + "/info", timeout=10).json()
-
-
-def serving_models(tmp_path_factory) -> tuple[Path, bool]:
-    if os.environ.get("ROADSIGHT_TEST_MODELS_DIR"):  # e.g. a fresh export, before it is copied to models/
-        return Path(os.environ["ROADSIGHT_TEST_MODELS_DIR"]), True
-    if any((SHIPPED / name).exists() for name in SHIPPED_FILES):
-        return SHIPPED, True
-    warnings.warn("models/ holds no shipped model yet: the service tests ran on generated stand-in models")
-    return write_standin_models(tmp_path_factory.mktemp("standin-models")), False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    models_dir, shipped = serving_models(tmp_path_factory)
-    home = tmp_path_factory.mktemp("bentoml-home")
-    log = home / "serve.log"
-    port = free_port()
-    env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(models_dir), "BENTOML_HOME": str(home),
-           "BENTOML_DO_NOT_TRACK": "true", "ORT_DISABLE_TELEMETRY": "1",
-           # a loaded 2-core CI box must not shed the burst below; production default is 500 ms
-           "ROADSIGHT_MAX_LATENCY_MS": "10000", "ROADSIGHT_DEHAZE_MAX_PIXELS": str(DEHAZE_LIMIT)}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Roadsight",
-                                    "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {process.returncode} while starting on {models_dir}:\n"
-                            + log.read_text()[-4000:])
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("bentoml serve was not ready within 180 s:\n" + log.read_text()[-4000:])
-            time.sleep(0.5)
-        yield Server(url, models_dir, shipped, log)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def direct(server):
-    """The models called directly with onnxruntime, fed as models/README.md says (no service code)."""
-    def load(stem):
-        contract = json.loads((server.models_dir / f"{stem}.json").read_text())
-        session = ort.InferenceSession(str(server.models_dir / contract["file"]), providers=["CPUExecutionProvider"])
-        return contract, session
-
-    return {"classify": load("vehicle_classifier"), "dehaze": load("dehazer")}
 
 
 def upload(path: Path, field: str = "image", **data) -> dict:
     return {"files": {field: (path.name, path.read_bytes(), "image/jpeg")}, "data": data}
-
-
-def expected_probabilities(direct, paths) -> np.ndarray:
-    contract, session = direct["classify"]
-    spec = contract["input"]
-    batch = np.stack([stretch(open_rgb(p), spec["width"], spec["height"], spec["filter"]) for p in paths])
-    return session.run([contract["output"]["name"]], {spec["name"]: batch})[0]
-
-
-def expected_dehazed(direct, image: Image.Image) -> np.ndarray:
-    contract, session = direct["dehaze"]
-    multiple = contract["pad_multiple"]
-    x = np.asarray(image, np.float32).transpose(2, 0, 1) / 255
-    height, width = x.shape[1:]
-    x = np.pad(x, [(0, 0), (0, -height % multiple), (0, -width % multiple)], mode="reflect")
-    (y,) = session.run([contract["output"]["name"]], {contract["input"]["name"]: x[None]})
-    return np.round(np.clip(y[0, :, :height, :width], 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
-
-
-def assert_same_pixels(served: np.ndarray, expected: np.ndarray):
-    """Equal up to 8-bit rounding of float noise between two onnxruntime sessions (padding, crop or
-    orientation mistakes differ by far more)."""
-    assert served.shape == expected.shape
-    difference = np.abs(served.astype(int) - expected.astype(int))
-    assert difference.max() <= 1 and (difference > 0).mean() < 0.001, (difference.max(), (difference > 0).mean())
 
 
 def test_info_describes_models_provider_and_sizes(server, direct):
@@ -169,7 +50,7 @@ def test_classify_matches_onnxruntime_on_the_contract(server, direct):
     image prepared per the JSON (open_rgb + stretch), within 1e-5."""
     labels = direct["classify"][0]["labels"]
     paths = VEHICLES[::4]
-    expected = expected_probabilities(direct, paths)
+    expected = expected_probabilities(direct, [open_rgb(p) for p in paths])
     for path, row in zip(paths, expected):
         response = server.post("/classify", **upload(path))
         assert response.status_code == 200, response.text
@@ -185,7 +66,7 @@ def test_classify_batch_answers_in_order(server, direct):
     response = server.post("/classify_batch", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
     assert response.status_code == 200, response.text
     results = response.json()
-    expected = expected_probabilities(direct, paths)
+    expected = expected_probabilities(direct, [open_rgb(p) for p in paths])
     labels = direct["classify"][0]["labels"]
     assert len(results) == len(paths)
     for result, row in zip(results, expected):
@@ -202,7 +83,7 @@ def test_a_concurrent_burst_is_batched(server, direct):
         with concurrent.futures.ThreadPoolExecutor(32) as pool:
             responses = list(pool.map(one, paths))
     assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
-    expected = expected_probabilities(direct, paths)
+    expected = expected_probabilities(direct, [open_rgb(p) for p in paths])
     labels = direct["classify"][0]["labels"]
     for response, row in zip(responses, expected):
         np.testing.assert_allclose([response.json()["probabilities"][n] for n in labels], row, atol=1e-5, rtol=0)
@@ -359,13 +240,3 @@ def test_still_healthy_after_all_that(server):
     assert server.post("/classify", **upload(VEHICLES[-1])).status_code == 200
     log = server.log.read_text()
     assert "status=500" not in log and "status=503" not in log
-
-
-def test_a_missing_model_stops_start_up_naming_the_file(tmp_path):
-    env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(tmp_path), "BENTOML_HOME": str(tmp_path / "home"),
-           "BENTOML_DO_NOT_TRACK": "true"}
-    result = subprocess.run([sys.executable, "-m", "bentoml", "serve", "serving.service:Roadsight", "--host",
-                             "127.0.0.1", "--port", str(free_port())], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode != 0
-    assert f"{tmp_path / 'vehicle_classifier.json'} is missing" in result.stdout + result.stderr

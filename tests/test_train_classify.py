@@ -1,8 +1,12 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import mlflow
+import pytest
 import torch
 
 from conftest import SAMPLE, tiny_config
@@ -76,23 +80,27 @@ def test_linear_probe_alone_fits_the_head_by_lbfgs(tmp_path, mlflow_store):
     assert changed == {"backbone.fc.weight", "backbone.fc.bias"}
 
 
-def test_sigterm_marks_the_run_killed_and_leaves_a_checkpoint(tmp_path, mlflow_store):
-    import os
-    import signal
-    import time
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupted_run_is_killed_and_resumes_from_its_checkpoint(tmp_path, mlflow_store, signum):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     cmd = [sys.executable, "-m", "training.cli", "train", "classify", "--data", str(SAMPLE / "vehicles"), "--net", "cnn",
-           "--image-size", "32", "--epochs", "500", "--batch-size", "8", "--no-log-model",
-           "--checkpoint-dir", str(tmp_path / "ckpt"), "--experiment", "test-kill"]
+           "--net-options", '{"depth": 2, "width": 8}', "--image-size", "32", "--epochs", "500", "--batch-size", "8",
+           "--val-fraction", "0.2", "--no-log-model", "--checkpoint-dir", str(tmp_path / "ckpt"),
+           "--experiment", "test-kill"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.time() < deadline:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "--resume" in stderr
     (run,) = mlflow.search_runs(experiment_names=["test-kill"], output_format="list")
     assert run.info.status == "KILLED"
-    assert torch.load(next((tmp_path / "ckpt").glob("*/last.pt")), weights_only=True)["epoch"] >= 1
+    checkpoint = next((tmp_path / "ckpt").glob("*/last.pt"))
+    epoch = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert epoch >= 1
+    # the same options as the command above (tiny_config), continued for one more epoch
+    resumed = train_classifier(tiny_config(tmp_path, epochs=epoch + 1, resume=str(checkpoint), experiment="test-kill"))
+    assert resumed.run_id == run.info.run_id and mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == epoch + 1
