@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an already running server (default: start bentoml serve on a free port)")
     parser.add_argument("--service", default=SERVICE,
-                        help=f"what bentoml serve starts (default {SERVICE}; batching off: benchmarks.unbatched_service:Roadsight)")
+                        help=f"what bentoml serve starts (default {SERVICE}; batching off: set ROADSIGHT_MAX_BATCH_SIZE=1)")
     parser.add_argument("--routes", nargs="+", default=["/classify", "/dehaze"], choices=["/classify", "/dehaze"])
     add_load_arguments(parser)
     args = parser.parse_args()

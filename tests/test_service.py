@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -20,6 +23,8 @@ from PIL import Image
 
 from conftest import DEHAZE_LIMIT, SAMPLE, assert_same_pixels, expected_dehazed, expected_probabilities
 from serving.images import open_rgb
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -240,3 +245,15 @@ def test_still_healthy_after_all_that(server):
     assert server.post("/classify", **upload(VEHICLES[-1])).status_code == 200
     log = server.log.read_text()
     assert "status=500" not in log and "status=503" not in log
+
+
+@pytest.mark.parametrize("max_batch_size, declared", [("1", "False"), ("32", "True 32 2000")])
+def test_max_batch_size_one_declares_the_inner_api_unbatched(max_batch_size, declared):
+    """BentoML refuses max_batch_size=1, so 1 must mean "batching off" rather than a failed start."""
+    code = ("from serving.service import Roadsight; api = Roadsight.apis['classify_tensors']; "
+            "print(api.batchable, api.max_batch_size, api.max_latency_ms) if api.batchable else print(api.batchable)")
+    env = {**os.environ, "ROADSIGHT_MAX_BATCH_SIZE": max_batch_size}
+    env.pop("ROADSIGHT_MAX_LATENCY_MS", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == declared.split()
