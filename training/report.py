@@ -89,7 +89,7 @@ def build_report(out_dir: str | Path) -> Path:
             continue
         payload = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/study/rows.json"))
         rows, notes = payload["rows"], payload["notes"]
-        conclusion = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/study/conclusion.md")
+        conclusion = study.conclude(rows)  # today's wording of the run's numbers (its conclusion.md: the first)
         params = {k: v for k, v in run.data.params.items() if k not in ("question", "study")}
         settings = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
         metrics = [m for m in TABLE_METRICS if any(m in r for r in rows)]
