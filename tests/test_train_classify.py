@@ -87,7 +87,10 @@ def test_an_interrupted_run_is_killed_and_resumes_from_its_checkpoint(tmp_path, 
            "--net-options", '{"depth": 2, "width": 8}', "--image-size", "32", "--epochs", "500", "--batch-size", "8",
            "--val-fraction", "0.2", "--no-log-model", "--checkpoint-dir", str(tmp_path / "ckpt"),
            "--experiment", "test-kill"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell's background job (CI's, perhaps) ignores SIGINT, and Python then never
+    # turns Ctrl-C into KeyboardInterrupt
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.time() < deadline:
         time.sleep(0.5)
