@@ -15,7 +15,7 @@ from .experiments import STUDIES, STUDY_EXPERIMENT, Study
 
 TABLE_METRICS = ("test_accuracy", "test_macro_f1", "test_accuracy_dark", "test_accuracy_bright", "train_accuracy",
                  "test_psnr", "test_ssim", "test_megapixels_per_second", "total_seconds")
-GRID_WIDTH = 900  # px: comparison grids are photos, kept small as JPEG in the committed report
+GRID_WIDTH = 720  # px: comparison grids are photos, kept small as JPEG in the committed report
 
 
 def latest_study_runs(client: mlflow.MlflowClient, experiment_id: str) -> dict[str, object]:
@@ -57,7 +57,7 @@ def _comparison_grids(client: mlflow.MlflowClient, rows: list[dict], out: Path, 
         image = Image.open(local).convert("RGB")
         image.thumbnail((GRID_WIDTH, GRID_WIDTH * 4), Image.Resampling.LANCZOS)
         name = f"{stem}-{len(grids) + 1}.jpg"
-        image.save(out / name, quality=85)
+        image.save(out / name, quality=80)
         grids.append(name)
     return grids
 
@@ -88,7 +88,7 @@ def build_report(out_dir: str | Path) -> Path:
             body.append("<p>Not run yet.</p>")
             continue
         payload = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/study/rows.json"))
-        rows, notes = payload["rows"], payload["notes"]
+        rows, notes = payload["rows"], study.notes
         conclusion = study.conclude(rows)  # today's wording of the run's numbers (its conclusion.md: the first)
         params = {k: v for k, v in run.data.params.items() if k not in ("question", "study")}
         settings = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
