@@ -23,7 +23,6 @@ from .nets.cnn import receptive_field
 from .nets.handwritten import HandConv2d, LoopConv2d
 
 STUDY_EXPERIMENT = "lab-studies"
-VEHICLE_DATA, DEHAZE_DATA = "../shared/data/vehicles", "../shared/data/dehaze"
 # Where every classifier setting starts: the lab's CNN setting, spelled out so that the studies do
 # not change when the training defaults do.
 LAB_SETTING = dict(image_size=64, epochs=15, batch_size=64, normalization="per-image", augment="night")
@@ -46,7 +45,7 @@ class Study:
 
     @property
     def default_data(self) -> str:
-        return DEHAZE_DATA if self.task == "dehaze" else VEHICLE_DATA
+        return DehazeConfig.data if self.task == "dehaze" else ClassifyConfig.data  # the CLIs' defaults
 
 
 def _best_worst(rows: list[dict], key: str = "test_accuracy") -> str:
