@@ -80,6 +80,16 @@ def test_linear_probe_alone_fits_the_head_by_lbfgs(tmp_path, mlflow_store):
     assert changed == {"backbone.fc.weight", "backbone.fc.bias"}
 
 
+def test_lighting_balance_drops_the_extra_night_shots_and_logs_them(tmp_path, mlflow_store):
+    # the sample's training part: 2 of 10 buses, 1 of 10 cars, 2 of 10 trucks are night shots
+    result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-3, val_fraction=0.0,
+                                          balance_lighting=True))
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["data.lighting_dropped"] == "2"
+    dropped = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/lighting_dropped.txt").splitlines()
+    assert sorted(os.path.basename(os.path.dirname(path)) for path in dropped) == ["bus", "truck"]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_an_interrupted_run_is_killed_and_resumes_from_its_checkpoint(tmp_path, mlflow_store, signum):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}

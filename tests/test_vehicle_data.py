@@ -3,7 +3,9 @@ import shutil
 import pytest
 
 from conftest import SAMPLE, FULL_DATA, needs_full_data
-from training.data.vehicles import DataError, carve_validation, list_images, split_vehicles
+import numpy as np
+
+from training.data.vehicles import DataError, carve_validation, lighting_balanced, list_images, split_vehicles
 
 
 def test_tail_split_takes_the_last_names_of_each_class():
@@ -83,6 +85,28 @@ def test_validation_is_the_tail_of_the_training_part():
     for label in range(3):
         names = [s.path.name for s in split.train if s.label == label]
         assert [s.path.name for s in val if s.label == label] == names[-2:]
+
+
+def _images(lumas: list[int]) -> np.ndarray:
+    return np.stack([np.full((3, 4, 4), luma, np.uint8) for luma in lumas])
+
+
+def test_lighting_balance_gives_every_class_the_smallest_night_share():
+    # class 0: 4 bright + 2 dark (1/3); class 1: 6 bright + 1 dark (1/7); class 2: 3 bright + 3 dark (1/2)
+    lumas = [200, 30, 200, 200, 20, 200] + [150] * 6 + [10] + [120, 5, 120, 5, 120, 5]
+    labels = np.array([0] * 6 + [1] * 7 + [2] * 6)
+    keep = lighting_balanced(_images(lumas), labels, 3)
+    dark = np.array(lumas)[keep] < 80
+    kept_labels = labels[keep]
+    assert [int(dark[kept_labels == c].sum()) for c in range(3)] == [1, 1, 0]  # round(1/7 * 3 / (6/7)) = 0 for class 2
+    assert all((np.array(lumas)[keep][kept_labels == c] >= 80).sum() == n for c, n in enumerate([4, 6, 3]))
+    assert list(keep[:2]) == [0, 1]  # the first dark image by position is the one kept
+
+
+def test_lighting_balance_drops_every_night_shot_when_one_class_has_none():
+    labels = np.array([0, 0, 1, 1, 2])
+    keep = lighting_balanced(_images([20, 200, 200, 210, 40]), labels, 3)
+    assert keep.tolist() == [1, 2, 3]
 
 
 @needs_full_data

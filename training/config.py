@@ -41,6 +41,9 @@ class ClassifyConfig:
                      choices=("tail", "random"))
     test_fraction: float = opt(0.2, "test share of each class, 0.2-0.3")
     val_fraction: float = opt(0.0, "share of the training part held out (tail of each class) for choosing recipes")
+    balance_lighting: bool = opt(False, "drop night shots (mean luma < 80) from the fitted part until every class has "
+                                        "the same share of them, the smallest any class has, so lighting is no "
+                                        "evidence of the label (the tail split's training cars have none)")
     seed: int = opt(0, "random seed (split, init, augmentation)")
     device: str = opt("auto", "auto (cuda when present), cpu or cuda")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")

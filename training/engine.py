@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import tracking
 from .config import ClassifyConfig
 from .data.augment import BatchAugment, night_view
-from .data.vehicles import carve_validation, load_images, split_vehicles
+from .data.vehicles import carve_validation, lighting_balanced, load_images, split_vehicles
 from .metrics import accuracy_by_lighting, classification_report, confusion_matrix
 from .nets import build_classifier, count_parameters
 
@@ -185,6 +185,12 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
     split = split_vehicles(cfg.data, cfg.test_fraction, cfg.split, cfg.seed)
     fit_samples, val_samples = carve_validation(split.train, cfg.val_fraction, len(split.classes))
     train_x, train_y = _tensors(fit_samples, cfg.image_size)
+    dropped = []
+    if cfg.balance_lighting:
+        keep = lighting_balanced(train_x.numpy(), train_y.numpy(), len(split.classes))
+        kept = set(keep.tolist())
+        dropped = [s for i, s in enumerate(fit_samples) if i not in kept]
+        train_x, train_y = train_x[keep], train_y[keep]
     test_x, test_y = _tensors(split.test, cfg.image_size)
     val_x, val_y = _tensors(val_samples, cfg.image_size) if val_samples else (None, None)
 
@@ -210,8 +216,11 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if run_id is None:
             tracking.log_params({**cfg.params(), "parameters": count_parameters(model), "device": str(device),
-                                 "classes": split.classes, **{f"data.{k}": v for k, v in split.summary().items()}})
+                                 "classes": split.classes, **{f"data.{k}": v for k, v in split.summary().items()},
+                                 "data.lighting_dropped": len(dropped)})
             mlflow.log_text("\n".join(f"{p}\t{why}" for p, why in split.excluded) or "none", "data/excluded.tsv")
+            if dropped:
+                mlflow.log_text("\n".join(str(s.path) for s in dropped), "data/lighting_dropped.txt")
         evaluated = ema.module if ema is not None else model
         started = time.perf_counter() - sum(h["epoch_seconds"] for h in history)
         if cfg.linear_probe_l2 > 0 and start_epoch == 0:

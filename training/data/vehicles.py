@@ -18,6 +18,8 @@ import numpy as np
 
 from serving.images import open_rgb, stretch
 
+from ..metrics import dark_mask
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -164,3 +166,22 @@ def load_images(samples: list[Sample], image_size: tuple[int, int], resize: str 
         except OSError as exc:
             raise DataError(f"cannot decode image {s.path}: {exc}") from exc
     return images, np.array([s.label for s in samples], dtype=np.int64)
+
+
+def lighting_balanced(images: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Indices to keep so that every class has the same share of night shots, the smallest share
+    any class has (bright images are all kept; of the night shots, the first by name).
+
+    When lighting and label are confounded (every dark training image a bus or a truck), a model
+    learns "dark" as evidence of the label; balancing the groups removes that evidence.
+    """
+    dark = dark_mask(images)
+    shares = [dark[labels == c].mean() for c in range(num_classes) if (labels == c).any()]
+    share = min(shares)
+    keep = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        bright, night = members[~dark[members]], members[dark[members]]
+        wanted = len(night) if share >= 1 else int(round(share * len(bright) / (1 - share)))
+        keep.append(np.concatenate([bright, night[:wanted]]))
+    return np.sort(np.concatenate(keep))
