@@ -1,10 +1,9 @@
 import shutil
 
+import numpy as np
 import pytest
 
 from conftest import SAMPLE, FULL_DATA, needs_full_data
-import numpy as np
-
 from training.data.vehicles import DataError, carve_validation, lighting_balanced, list_images, split_vehicles
 
 
@@ -92,15 +91,16 @@ def _images(lumas: list[int]) -> np.ndarray:
 
 
 def test_lighting_balance_gives_every_class_the_smallest_night_share():
-    # class 0: 4 bright + 2 dark (1/3); class 1: 6 bright + 1 dark (1/7); class 2: 3 bright + 3 dark (1/2)
-    lumas = [200, 30, 200, 200, 20, 200] + [150] * 6 + [10] + [120, 5, 120, 5, 120, 5]
-    labels = np.array([0] * 6 + [1] * 7 + [2] * 6)
+    # class 0: 4 bright + 2 dark; class 1: 6 bright + 1 dark (share 1/7, the smallest); class 2: 10 bright + 4 dark
+    lumas = [200, 30, 200, 200, 20, 200] + [150] * 6 + [10] + [120] * 10 + [5] * 4
+    labels = np.array([0] * 6 + [1] * 7 + [2] * 14)
     keep = lighting_balanced(_images(lumas), labels, 3)
     dark = np.array(lumas)[keep] < 80
     kept_labels = labels[keep]
-    assert [int(dark[kept_labels == c].sum()) for c in range(3)] == [1, 1, 0]  # round(1/7 * 3 / (6/7)) = 0 for class 2
-    assert all((np.array(lumas)[keep][kept_labels == c] >= 80).sum() == n for c, n in enumerate([4, 6, 3]))
-    assert list(keep[:2]) == [0, 1]  # the first dark image by position is the one kept
+    # night shots kept: 1/7 of the class after balancing, i.e. bright / 6: round(4/6) = 1, 1, round(10/6) = 2
+    assert [int(dark[kept_labels == c].sum()) for c in range(3)] == [1, 1, 2]
+    assert [int((~dark & (kept_labels == c)).sum()) for c in range(3)] == [4, 6, 10]  # every bright image stays
+    assert list(keep[:2]) == [0, 1]  # the first night shot by position is the one kept
 
 
 def test_lighting_balance_drops_every_night_shot_when_one_class_has_none():
