@@ -35,6 +35,20 @@ def test_dehaze_study_ranks_the_methods_on_psnr_and_ssim(mlflow_store):
     assert "encoder-decoder" in conclusion and "SSIM over the dark-channel prior" in conclusion
 
 
+def test_robustness_conclusion_ranks_the_tail_split_and_sets_the_random_split_apart():
+    def row(setting, accuracy, dark):
+        return {"setting": setting, "test_accuracy": accuracy, "test_macro_f1": accuracy - 0.05,
+                "test_accuracy_dark": dark, "test_accuracy_bright": accuracy, "total_seconds": 10.0}
+
+    labels = [label for label, _ in STUDIES["robustness"].settings]
+    shipped, unbalanced, naive, random_split = labels
+    text = STUDIES["robustness"].conclude([row(shipped, 0.72, 0.74), row(unbalanced, 0.67, 0.66),
+                                           row(naive, 0.60, 0.40), row(random_split, 0.95, 0.98)])
+    assert f"Most robust at night: **{shipped}** (test_accuracy_dark 0.740" in text  # not the random split's 0.98
+    assert f"worst: **{naive}**" in text
+    assert "scores 0.950 accuracy / 0.900 macro-F1 (night 0.980) against 0.720 / 0.670 on the tail split" in text
+
+
 def test_handwritten_study_measures_agreement_and_time(mlflow_store):
     parent = mlflow.get_run(run_study("handwritten-conv", str(SAMPLE / "vehicles"), quick=True))
     m = parent.data.metrics
