@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE, tiny_config
+from training import interrupts
 from training.engine import train_classifier
 
 EXPECTED_EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1",
@@ -117,3 +118,27 @@ def test_an_interrupted_run_is_killed_and_resumes_from_its_checkpoint(tmp_path, 
     resumed = train_classifier(tiny_config(tmp_path, epochs=epoch + 1, resume=str(checkpoint), experiment="test-kill"))
     assert resumed.run_id == run.info.run_id and mlflow.get_run(run.info.run_id).info.status == "FINISHED"
     assert torch.load(checkpoint, weights_only=True)["epoch"] == epoch + 1
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_next_training_step(tmp_path, mlflow_store, monkeypatch):
+    # Python runs a signal's handler wherever the main thread is; inside a finalizer the raised
+    # KeyboardInterrupt is only reported as unraisable (CI saw this in a SQLAlchemy GC callback)
+    monkeypatch.setattr(interrupts, "_pending", [])
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_type))
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    interrupts.install()
+    try:
+        class Finalized:
+            def __del__(self):
+                signal.raise_signal(signal.SIGTERM)
+
+        Finalized()
+        assert unraisable == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            train_classifier(tiny_config(tmp_path, epochs=3))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    (run,) = mlflow.search_runs(experiment_names=["test-classify"], output_format="list")
+    assert run.info.status == "KILLED"

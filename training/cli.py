@@ -5,11 +5,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import signal
 import sys
 import typing
 from pathlib import Path
 
+from . import interrupts
 from .tracking import disable_telemetry
 
 EXIT_INTERRUPTED = 130
@@ -182,13 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` ends runs as KILLED and resumable, like Ctrl-C
+    interrupts.install()  # Ctrl-C and `kill` end runs as KILLED and resumable
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", force=True)  # imports may add handlers

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import tracking
+from . import interrupts, tracking
 from .config import DehazeBaselineConfig, DehazeConfig
 from .data.dehaze import DehazeSplit, load_pair, load_pairs, random_crops, split_dehaze
 from .dcp import dehaze_dcp
@@ -63,6 +63,7 @@ def train_one_epoch(model: nn.Module, images, steps: int, cfg: DehazeConfig, opt
     model.train()
     loss_sum = 0.0
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+        interrupts.raise_if_pending()
         hazy, clear = random_crops(images, cfg.batch_size, cfg.crop_size, generator)
         loss = dehaze_loss(model(hazy.to(device)), clear.to(device), cfg.ssim_weight)
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from . import tracking
+from . import interrupts, tracking
 from .config import ClassifyConfig
 from .data.augment import BatchAugment, night_view
 from .data.vehicles import carve_validation, lighting_balanced, load_images, split_vehicles
@@ -101,6 +101,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
             m.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
+        interrupts.raise_if_pending()
         images, labels = augment(images.to(device)), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
