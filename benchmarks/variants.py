@@ -26,12 +26,12 @@ import numpy as np
 
 from serving import processing, runtime
 from serving.images import open_rgb
-from training.evaluate import evaluate_onnx
+from training.evaluate import evaluate_onnx, load_contract
 
 from .common import MODELS, command_line, data_root, interleaved_medians, machine, save_result, utc_now
 from .inference import classifier_batch, dehazer_batch, service_threads
 
-TASK_FILES = {"classify": "vehicle_classifier", "dehaze": "dehazer"}
+TASK_DATA = {"classify": "vehicles", "dehaze": "dehaze"}  # data_root's kind of each task's dataset
 CALIBRATION_IMAGES = {"classify": 128, "dehaze": 8}
 
 
@@ -42,13 +42,13 @@ def calibration_batches(task: str, contract: dict, count: int) -> list[dict[str,
         from training.data.vehicles import split_vehicles
 
         spec = contract["input"]
-        samples = split_vehicles(data_root("vehicles"), 0.2, "tail", classes=tuple(contract["labels"])).train
+        samples = split_vehicles(data_root(TASK_DATA[task]), 0.2, "tail", classes=tuple(contract["labels"])).train
         chosen = samples[:: max(1, len(samples) // count)][:count]
         images = np.stack([processing.classifier_input(open_rgb(s.path), spec) for s in chosen])
         return [{name: images[i : i + 16]} for i in range(0, len(images), 16)]
     from training.data.dehaze import split_dehaze
 
-    pairs = split_dehaze(data_root("dehaze"), 0.2).train
+    pairs = split_dehaze(data_root(TASK_DATA[task]), 0.2).train
     chosen = pairs[:: max(1, len(pairs) // count)][:count]
     return [{name: processing.dehazer_input(open_rgb(p.hazy), int(contract["pad_multiple"]))} for p in chosen]
 
@@ -59,18 +59,19 @@ def build_variants(task: str, folder: Path, calibration_count: int) -> dict[str,
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    stem = TASK_FILES[task]
-    contract = json.loads((MODELS / f"{stem}.json").read_text())
-    shipped = MODELS / f"{stem}.onnx"
+    json_name = runtime.MODEL_FILES[task]
+    contract = json.loads((MODELS / json_name).read_text())
+    onnx_name = contract["file"]
+    shipped = MODELS / onnx_name
     folders = {name: folder / task / name for name in ("fp32", "ort-offline", "int8")}
     for path in folders.values():
         path.mkdir(parents=True)
-        (path / f"{stem}.json").write_text(json.dumps(contract))
-    shutil.copy(shipped, folders["fp32"] / f"{stem}.onnx")
+        (path / json_name).write_text(json.dumps(contract))
+    shutil.copy(shipped, folders["fp32"] / onnx_name)
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(folders["ort-offline"] / f"{stem}.onnx")
+    options.optimized_model_filepath = str(folders["ort-offline"] / onnx_name)
     ort.InferenceSession(str(shipped), options, providers=["CPUExecutionProvider"])
 
     batches = iter(calibration_batches(task, contract, calibration_count))
@@ -79,12 +80,12 @@ def build_variants(task: str, folder: Path, calibration_count: int) -> dict[str,
         def get_next(self):
             return next(batches, None)
 
-    prepared = folder / f"{stem}-prepared.onnx"
+    prepared = folder / f"{task}-prepared.onnx"
     quant_pre_process(str(shipped), str(prepared), skip_symbolic_shape=True)  # dynamic H, W defeat it
-    quantize_static(str(prepared), str(folders["int8"] / f"{stem}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(prepared), str(folders["int8"] / onnx_name), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "Gemm", "MatMul"])
-    return {name: path / f"{stem}.onnx" for name, path in folders.items()}
+    return {name: path / onnx_name for name, path in folders.items()}
 
 
 def speed(task: str, files: dict[str, Path], threads: int, quick: bool) -> dict[str, dict]:
@@ -94,7 +95,7 @@ def speed(task: str, files: dict[str, Path], threads: int, quick: bool) -> dict[
         tick = time.perf_counter()
         sessions[name] = runtime.create_session(path, task, threads, "cpu")[0]
         started[name] = time.perf_counter() - tick
-    contract = json.loads(files["fp32"].with_suffix(".json").read_text())
+    contract, _ = load_contract(files["fp32"])
     input_name = contract["input"]["name"]
     if task == "classify":
         inputs = {n: classifier_batch(n, contract["input"])[0] for n in (1, 32)}
@@ -114,7 +115,7 @@ def speed(task: str, files: dict[str, Path], threads: int, quick: bool) -> dict[
 
 
 def accuracy(task: str, files: dict[str, Path]) -> dict[str, dict]:
-    data = data_root("vehicles" if task == "classify" else "dehaze")
+    data = data_root(TASK_DATA[task])
     keys = ("accuracy", "macro_f1") if task == "classify" else ("psnr", "ssim")
     out = {}
     for name, path in files.items():
@@ -125,9 +126,9 @@ def accuracy(task: str, files: dict[str, Path]) -> dict[str, dict]:
 
 def measure(quick: bool) -> dict:
     threads = service_threads()
-    result = {"threads": threads, "data": {t: str(data_root(d)) for t, d in (("classify", "vehicles"), ("dehaze", "dehaze"))}}
+    result = {"threads": threads, "data": {task: str(data_root(kind)) for task, kind in TASK_DATA.items()}}
     with tempfile.TemporaryDirectory() as tmp:
-        for task in ("classify", "dehaze"):
+        for task in TASK_DATA:
             files = build_variants(task, Path(tmp), CALIBRATION_IMAGES[task] // (4 if quick else 1))
             figures = speed(task, files, threads, quick)
             for name, scores in accuracy(task, files).items():
