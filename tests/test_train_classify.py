@@ -120,25 +120,49 @@ def test_an_interrupted_run_is_killed_and_resumes_from_its_checkpoint(tmp_path, 
     assert torch.load(checkpoint, weights_only=True)["epoch"] == epoch + 1
 
 
-def test_a_signal_swallowed_by_a_finalizer_still_stops_the_next_training_step(tmp_path, mlflow_store, monkeypatch):
-    # Python runs a signal's handler wherever the main thread is; inside a finalizer the raised
-    # KeyboardInterrupt is only reported as unraisable (CI saw this in a SQLAlchemy GC callback)
+@pytest.fixture
+def installed_interrupts(monkeypatch):
+    """The command line's signal handlers for the duration of one test."""
     monkeypatch.setattr(interrupts, "_pending", [])
-    unraisable = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_type))
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     interrupts.install()
-    try:
-        class Finalized:
-            def __del__(self):
-                signal.raise_signal(signal.SIGTERM)
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
-        Finalized()
-        assert unraisable == [KeyboardInterrupt]
-        with pytest.raises(KeyboardInterrupt, match="signal 15"):
-            train_classifier(tiny_config(tmp_path, epochs=3))
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_next_training_step(tmp_path, mlflow_store, monkeypatch,
+                                                                              installed_interrupts):
+    # Python runs a signal's handler wherever the main thread is; inside a finalizer the raised
+    # KeyboardInterrupt is only reported as unraisable (CI saw this in a SQLAlchemy GC callback)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: unraisable.append(info.exc_type))
+
+    class Finalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)
+
+    Finalized()
+    assert unraisable == [KeyboardInterrupt]
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        train_classifier(tiny_config(tmp_path, epochs=3))
     (run,) = mlflow.search_runs(experiment_names=["test-classify"], output_format="list")
     assert run.info.status == "KILLED"
+
+
+def test_inside_a_run_the_first_signal_waits_for_the_next_step_and_a_second_stops_at_once(installed_interrupts):
+    # CI saw Ctrl-C land inside an MLflow commit, leaving SQLite locked so the run could not be marked KILLED
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGINT)  # a database write here would run to its end
+            with pytest.raises(KeyboardInterrupt, match="signal 2"):
+                interrupts.raise_if_pending()
+            signal.raise_signal(signal.SIGINT)  # held again: the first one was handled
+            assert interrupts._pending == [signal.SIGINT]
+            with pytest.raises(KeyboardInterrupt, match="signal 15"):
+                signal.raise_signal(signal.SIGTERM)  # the user insists
+            interrupts.clear()
+            signal.raise_signal(signal.SIGINT)
+        # the block's end raises what is still pending
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # outside a run: at once, as Python does

@@ -86,6 +86,7 @@ def evaluate(model: nn.Module, images, device: torch.device, prefix: str) -> tup
     """Mean PSNR/SSIM (as ``<prefix>_psnr``/``_ssim``), the outputs, and the model's throughput."""
     outputs, seconds, pixels = [], 0.0, 0
     for hazy, _ in images:
+        interrupts.raise_if_pending()
         tick = time.perf_counter()
         outputs.append(dehaze_image(model, hazy, device))
         seconds += time.perf_counter() - tick

@@ -149,8 +149,11 @@ def fit_linear_probe(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    batches = []
+    for start in range(0, len(images), batch_size):
+        interrupts.raise_if_pending()
+        batches.append(model(images[start : start + batch_size].to(device)).float().cpu())
+    return torch.cat(batches)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],

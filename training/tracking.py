@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import interrupts  # noqa: E402
+
 TELEMETRY_OFF = {"ORT_DISABLE_TELEMETRY": "1", "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                  "DO_NOT_TRACK": "1"}
 
@@ -31,15 +33,18 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
                 nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, KILLED on Ctrl-C, FAILED on any other error.
 
-    ``run_id`` continues an earlier run (``--resume``) instead of starting a new one.
+    ``run_id`` continues an earlier run (``--resume``) instead of starting a new one. Signals are
+    deferred in the body (see ``interrupts``) so that none lands inside an MLflow write.
     """
     disable_telemetry()
     if run_id is None:
         mlflow.set_experiment(experiment)
     run = mlflow.start_run(run_id=run_id, run_name=run_name, nested=nested, tags=tags)
     try:
-        yield run
+        with interrupts.deferred():
+            yield run
     except KeyboardInterrupt:
+        interrupts.clear()
         mlflow.end_run("KILLED")
         raise
     except BaseException:
