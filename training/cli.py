@@ -21,7 +21,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         meta, kind = f.metadata, hints[f.name]
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = meta["help"]  # the parsers' ArgumentDefaultsHelpFormatter adds the default
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         elif meta.get("json"):
