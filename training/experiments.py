@@ -28,7 +28,7 @@ STUDY_EXPERIMENT = "lab-studies"
 LAB_SETTING = dict(image_size=64, epochs=15, batch_size=64, normalization="per-image", augment="night")
 # The shipped classifier's recipe (README, "The shipped classifier and the tail split's shift").
 SHIPPED_RECIPE = dict(net="efficientnet_lite0", image_size=224, normalization="equalize-gray", epochs=0,
-                      linear_probe_l2=0.01, val_fraction=0.1, balance_lighting=True)
+                      linear_probe_l2=0.01, val_fraction=0.0, balance_lighting=True)
 
 
 @dataclass
