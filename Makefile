@@ -7,7 +7,7 @@ export BENTOML_DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: install test serve bento clean
+.PHONY: install test serve bento gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ serve: $(VENV)/.serve-installed-$(SERVE_EXTRAS)
 # A Bento (serving code + models/) in the local bento store; then `bentoml containerize roadsight:latest`.
 bento: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/bentoml build
+
+# On an NVIDIA GPU host: both models on CUDA, answers against the CPU provider, P1/P2/dehaze figures as
+# JSON in benchmarks/results/ (benchmarks/gpu_check.sh; refuses at once without a GPU).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

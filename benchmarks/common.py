@@ -1,6 +1,7 @@
 """What every benchmark shares: where the data and models are, the machine it ran on, timing, results."""
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -59,6 +60,40 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, wa
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def process_tree_cpu_seconds(pid: int | None) -> float:
+    """CPU time used so far by process ``pid`` and its children (0 when not given or gone)."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def observed_batches(info: dict, model: str = "classifier") -> collections.Counter:
+    """Sizes of the service's onnxruntime runs so far (``/info``), as {batch size: runs}."""
+    histogram = info.get("batching", {}).get(model, {}).get("observed", {}).get("histogram", {})
+    return collections.Counter({int(size): count for size, count in histogram.items()})
+
+
+def batch_summary(histogram: collections.Counter) -> dict:
+    runs = sum(histogram.values())
+    images = sum(size * count for size, count in histogram.items())
+    return {"runs": runs, "mean": round(images / runs, 2) if runs else 0.0, "max": max(histogram, default=0),
+            "histogram": {str(size): histogram[size] for size in sorted(histogram)}}
 
 
 def command_line(module: str) -> str:

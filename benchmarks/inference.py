@@ -1,5 +1,5 @@
-"""In-process inference: onnxruntime as the service configures it (the ceiling the served throughput
-is compared with) against torch eager, at batch 1 and 32, for both shipped models.
+"""In-process inference: onnxruntime as the service configures it (benchmarks/ceiling.py) against
+torch eager, at batch 1 and 32, for both shipped models.
 
     .venv/bin/python -m benchmarks.inference [--quick]
 
@@ -11,50 +11,15 @@ against onnxruntime first.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import numpy as np
 import torch
 
-from serving import processing, runtime
-from serving.images import open_rgb, stretch
+from serving import runtime
 
-from .common import MODELS, command_line, data_root, interleaved_medians, machine, save_result, utc_now, vehicle_images
+from .ceiling import BATCH_SIZES, DEHAZE_SIZE, classifier_batch, dehazer_batch, load_session, service_threads
+from .common import MODELS, command_line, interleaved_medians, machine, save_result, utc_now
 from .torch_twins import classifier_twin, dehazer_twin, parity
-
-BATCH_SIZES = (1, 32)
-
-
-def service_threads() -> int:
-    """Intra-op threads of one service worker, by the service's own rule (serving/service.py)."""
-    configured = os.environ.get("ROADSIGHT_INTRA_OP_THREADS", "").strip()
-    workers = int(os.environ.get("ROADSIGHT_WORKERS", "").strip() or 1)
-    return int(configured) if configured else max(1, runtime.available_cores() // max(1, workers))
-
-
-def load_session(task: str, threads: int) -> runtime.LoadedModel:
-    """The model through the service's loader: same contract checks, provider choice and session options."""
-    return runtime.load_model(MODELS, task, threads, os.environ.get("ROADSIGHT_PROVIDER", "auto").strip() or "auto")
-
-
-def classifier_batch(size: int, spec: dict) -> tuple[np.ndarray, float]:
-    """``size`` real photos prepared as the service prepares them, and the mean seconds that took each."""
-    paths = vehicle_images(size)
-    paths = (paths * size)[:size]
-    start = time.perf_counter()
-    batch = np.stack([stretch(open_rgb(path), spec["width"], spec["height"], spec.get("filter", "bilinear"))
-                      for path in paths])
-    return batch, (time.perf_counter() - start) / size
-
-
-def dehazer_batch(size: int, height: int, width: int, pad_multiple: int) -> np.ndarray:
-    """``size`` real hazy photos, resized to ``height`` x ``width`` and padded per the contract."""
-    from PIL import Image
-
-    paths = sorted((data_root("dehaze") / "hazy").glob("*.jpg"))
-    images = [open_rgb(paths[i % len(paths)]).resize((width, height), Image.Resampling.BICUBIC) for i in range(size)]
-    return np.concatenate([processing.dehazer_input(image, pad_multiple) for image in images])
 
 
 def compare(model: runtime.LoadedModel, torch_model: torch.nn.Module, batch: np.ndarray, repeats: int) -> dict:
@@ -78,15 +43,14 @@ def compare(model: runtime.LoadedModel, torch_model: torch.nn.Module, batch: np.
 
 
 def measure(quick: bool = False) -> dict:
-    """Parity, then onnxruntime vs torch at batch 1 and 32 for each model. The classifier's
-    onnxruntime throughput at batch 32 is P1's ceiling."""
+    """Parity, then onnxruntime vs torch at batch 1 and 32 for each model."""
     threads = service_threads()
     torch.set_num_threads(threads)
     classifier, dehazer = load_session("classify", threads), load_session("dehaze", threads)
     classifier_torch, dehazer_torch = classifier_twin(MODELS), dehazer_twin(MODELS)
     spec = classifier.contract["input"]
     pad_multiple = int(dehazer.contract.get("pad_multiple", 1))
-    dehaze_height, dehaze_width = (104, 136) if quick else (413, 550)  # the course photos; quick: a quarter
+    dehaze_height, dehaze_width = (104, 136) if quick else DEHAZE_SIZE  # quick: a quarter
     repeats = {1: 3, 32: 1}  # times 5 (classifier) or 3 (dehazer) in a full run
     batches = {n: classifier_batch(n, spec) for n in BATCH_SIZES}
     hazy = {n: dehazer_batch(n, dehaze_height, dehaze_width, pad_multiple) for n in BATCH_SIZES}
@@ -102,7 +66,6 @@ def measure(quick: bool = False) -> dict:
         "dehazer": [compare(dehazer, dehazer_torch.model, hazy[n], repeats[n] * (1 if quick else 3))
                     for n in BATCH_SIZES],
     }
-    result["ceiling_images_per_s"] = result["classifier"][-1]["onnxruntime_items_per_s"]
     return result
 
 

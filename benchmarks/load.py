@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
-import psutil
+
+from .common import batch_summary, observed_batches, process_tree_cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -68,30 +69,9 @@ async def _batch_histogram(session: aiohttp.ClientSession, base_url: str) -> col
         async with session.get(base_url + "/info") as response:
             if response.status != 200:
                 return None
-            info = await response.json()
+            return observed_batches(await response.json())
     except aiohttp.ClientError:
         return None
-    histogram = info.get("batching", {}).get("observed", {}).get("histogram", {})
-    return collections.Counter({int(size): count for size, count in histogram.items()})
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """CPU time used so far by process ``pid`` and its children (0 when not given or gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def _percentiles_ms(latencies: list[float]) -> dict:
@@ -121,11 +101,11 @@ async def measure_window(base_url: str, route: str, uploads: list[Upload], concu
         await asyncio.sleep(warmup_s)
         await asyncio.gather(*(event.wait() for event in answered))
         window_start = time.perf_counter()
-        cpu_before = (time.process_time(), _cpu_seconds(server_pid))
+        cpu_before = (time.process_time(), process_tree_cpu_seconds(server_pid))
         batches_before = await _batch_histogram(session, base_url) if has_info else None
         await asyncio.sleep(max(0.0, window_start + window_s - time.perf_counter()))
         window_end = time.perf_counter()
-        cpu_after = (time.process_time(), _cpu_seconds(server_pid))
+        cpu_after = (time.process_time(), process_tree_cpu_seconds(server_pid))
         stop.set()
         batches_after = await _batch_histogram(session, base_url) if has_info else None
         await asyncio.gather(*clients)
@@ -142,15 +122,8 @@ async def measure_window(base_url: str, route: str, uploads: list[Upload], concu
     if megapixels_per_request:
         result["megapixels_per_s"] = round(len(ok) * megapixels_per_request / measured, 3)
     if batches_before is not None and batches_after is not None:
-        result["batch_sizes"] = _batch_summary(batches_after - batches_before)
+        result["batch_sizes"] = batch_summary(batches_after - batches_before)
     return result
-
-
-def _batch_summary(histogram: collections.Counter) -> dict:
-    runs = sum(histogram.values())
-    images = sum(size * count for size, count in histogram.items())
-    return {"runs": runs, "mean": round(images / runs, 2) if runs else 0.0, "max": max(histogram, default=0),
-            "histogram": {str(size): histogram[size] for size in sorted(histogram)}}
 
 
 def run_window(*args, **kwargs) -> dict:

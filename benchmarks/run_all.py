@@ -1,26 +1,30 @@
 """Every benchmark of the serving and training performance goals, side by side in one run on one
-machine: in-process onnxruntime vs torch eager, the training step of P4, the served concurrency
-sweeps, the service with batching off and the naive per-request server. One JSON goes to
-benchmarks/results/run_all-<time>.json and the P1-P5 table is printed at the end.
+machine: the in-process onnxruntime ceiling (before and after the served runs), onnxruntime vs torch
+eager, the training step of P4, the burst test on a fresh server, the served concurrency sweeps (wrk),
+the service with batching off and the naive per-request server. One JSON goes to
+benchmarks/results/run_all-<time>.json and the goals table is printed at the end.
 
-    .venv/bin/python -m benchmarks.run_all              # the full measurement (about 15 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run_all              # the full measurement (about 12 minutes on 2 cores)
     .venv/bin/python -m benchmarks.run_all --quick      # smoke test (2-4 minutes)
     .venv/bin/python -m benchmarks.run_all --window 30 --concurrency 1 8 32 64 --dehaze-concurrency 1 4
 
-Run it on an otherwise idle machine: every figure shares the same cores with whatever else runs.
+Run it on an otherwise idle machine (here: through /work/coord/quiet.sh): every figure shares the
+same cores with whatever else runs.
 """
 from __future__ import annotations
 
 import argparse
 
-from . import inference, training_step
+from . import ceiling, inference, training_step
 from .common import command_line, machine, save_result, service_settings, utc_now
-from .load import run_window
 from .serving_load import add_load_arguments, apply_quick, classify_uploads, format_row, serving_sweeps
 from .server import SERVICE, bentoml_serve, running
+from .wrk import ensure_wrk, measure
 
 P1_CONCURRENCY = 32
-P5_CONCURRENCY = 4  # keeps the worker's one dehazing slot busy while the next uploads are decoded
+P5_CONCURRENCY = 4  # four cameras posting frames of one size
+BURST_S = 20  # the burst the single client comes after
+AFTER_BURST_S = 5  # ... and the window right after it
 BATCHING_OFF = {"ROADSIGHT_MAX_BATCH_SIZE": "1"}
 NAIVE_SERVER = ["-m", "uvicorn", "benchmarks.naive_server:app", "--log-level", "warning"]
 
@@ -29,41 +33,71 @@ def at_concurrency(rows: list[dict], concurrency: int) -> dict:
     return next(row for row in rows if row["concurrency"] == concurrency)
 
 
+def the_ceiling(result: dict) -> dict:
+    """Of the two in-process measurements, the faster at batch 32 (the harder bar for P1)."""
+    return max(result["ceiling_before"], result["ceiling_after"], key=lambda c: c["classifier_batch32_images_per_s"])
+
+
 def ratios(result: dict) -> list[dict]:
-    """P1-P5 from the measured figures: value, goal, whether it is met and what it was computed from."""
+    """The goals from the measured figures: value, goal, whether it is met and what it was computed from."""
     served = at_concurrency(result["service"]["/classify"], P1_CONCURRENCY)
-    unbatched, naive = result["service_batching_off"], result["naive_server"]
-    ceiling = result["inference"]["ceiling_images_per_s"]
+    unbatched, naive, burst = result["service_batching_off"], result["naive_server"], result["burst"]
+    top = the_ceiling(result)
+    ceiling32, in_process_gain = top["classifier_batch32_images_per_s"], top["classifier_batch32_over_batch1"]
     dehaze = at_concurrency(result["service"]["/dehaze"], P5_CONCURRENCY)
     steps = result["training_step"]
 
     def ratio(numerator: float, denominator: float) -> float | None:
         return round(numerator / denominator, 2) if denominator else None
 
-    p1 = ratio(served["throughput_rps"], ceiling)
-    p2 = ratio(served["throughput_rps"], unbatched["throughput_rps"])
+    p1 = ratio(served["throughput_rps"], ceiling32)
+    on_off = ratio(served["throughput_rps"], unbatched["throughput_rps"])
+    p2 = ratio(on_off, in_process_gain) if on_off else None
     p3 = ratio(served["throughput_rps"], naive["throughput_rps"])
-    p4, p5 = steps["hand_over_conv2d"], dehaze["megapixels_per_s"]
-    p99 = served["p99_ms"]
+    p4 = steps["hand_over_conv2d"]
+    p5 = ratio(dehaze["megapixels_per_s"], top["dehazer_megapixels_per_s"])
+    fresh, after = burst["fresh"]["p50_ms"], burst["after_burst"]["p50_ms"]
+
+    def errors(row: dict) -> str:
+        return str(row["errors"] or 0)
+
     return [
         {"id": "P1", "what": f"served /classify at c={P1_CONCURRENCY} / in-process onnxruntime, batch 32",
-         "value": p1, "goal": ">= 0.8 with p99 <= 150 ms", "met": p1 is not None and p1 >= 0.8 and p99 is not None and p99 <= 150,
-         "detail": f"{served['throughput_rps']} req/s (p99 {p99} ms, errors {served['errors'] or 0}) vs {ceiling} img/s"},
-        {"id": "P2", "what": f"adaptive batching on / off (ROADSIGHT_MAX_BATCH_SIZE=1), /classify at c={P1_CONCURRENCY}",
-         "value": p2, "goal": ">= 2.5", "met": p2 is not None and p2 >= 2.5,
-         "detail": f"{served['throughput_rps']} vs {unbatched['throughput_rps']} req/s "
-                   f"(errors {served['errors'] or 0} / {unbatched['errors'] or 0})"},
+         "value": p1, "goal": ">= 0.75", "met": p1 is not None and p1 >= 0.75,
+         "detail": f"{served['throughput_rps']} req/s (p50 {served['p50_ms']}, p99 {served['p99_ms']} ms, "
+                   f"errors {errors(served)}, mean batch {served.get('batch_sizes', {}).get('mean')}) "
+                   f"vs {ceiling32} img/s"},
+        {"id": "P2", "what": f"batching on / off at c={P1_CONCURRENCY}, over the in-process batch 32 / batch 1 gain",
+         "value": p2, "goal": ">= 0.9", "met": p2 is not None and p2 >= 0.9,
+         "detail": f"on/off {on_off} ({served['throughput_rps']} vs {unbatched['throughput_rps']} req/s, "
+                   f"errors {errors(served)} / {errors(unbatched)}) vs in-process {in_process_gain}"},
         {"id": "P3", "what": f"service / naive FastAPI + torch eager server, /classify at c={P1_CONCURRENCY}",
          "value": p3, "goal": ">= 4", "met": p3 is not None and p3 >= 4,
          "detail": f"{served['throughput_rps']} vs {naive['throughput_rps']} req/s "
-                   f"(p99 {p99} / {naive['p99_ms']} ms)"},
+                   f"(p99 {served['p99_ms']} / {naive['p99_ms']} ms)"},
         {"id": "P4", "what": f"training step hand_cnn / cnn, batch {steps['batch_size']} at {steps['image_size']} px",
          "value": p4, "goal": "<= 2", "met": p4 <= 2,
          "detail": f"{steps['step_ms']['hand_cnn']} vs {steps['step_ms']['cnn']} ms per step"},
-        {"id": "P5", "what": f"served /dehaze megapixels per second at c={P5_CONCURRENCY}, 550x413 photos",
-         "value": p5, "goal": ">= 2 MP/s", "met": p5 >= 2,
-         "detail": f"{dehaze['throughput_rps']} img/s, p99 {dehaze['p99_ms']} ms, errors {dehaze['errors'] or 0}"},
+        {"id": "P5", "what": f"served /dehaze MP/s at c={P5_CONCURRENCY} (550x413) / in-process onnxruntime, batch 1",
+         "value": p5, "goal": ">= 0.8", "met": p5 is not None and p5 >= 0.8,
+         "detail": f"{dehaze['megapixels_per_s']} MP/s ({dehaze['throughput_rps']} img/s, p99 {dehaze['p99_ms']} ms, "
+                   f"errors {errors(dehaze)}) vs {top['dehazer_megapixels_per_s']} MP/s"},
+        {"id": "B", "what": f"/classify p50 at c=1: fresh server / within {AFTER_BURST_S} s after a {BURST_S} s "
+                            f"burst at c={P1_CONCURRENCY}",
+         "value": max(fresh, after), "goal": "<= 20 ms both", "met": max(fresh, after) <= 20,
+         "detail": f"{fresh} / {after} ms (p99 {burst['fresh']['p99_ms']} / {burst['after_burst']['p99_ms']} ms)"},
     ]
+
+
+def burst_test(server, window_s: float, quick: bool) -> dict:
+    """A single client on a fresh server, then a burst at c=32, then the single client again at once."""
+    uploads = classify_uploads()
+    fresh = measure(server.url, "/classify", uploads, 1, 0, window_s, server.pid)
+    burst = measure(server.url, "/classify", uploads, P1_CONCURRENCY, 0, 2 if quick else BURST_S, server.pid)
+    after = measure(server.url, "/classify", uploads, 1, 0, 2 if quick else AFTER_BURST_S, server.pid)
+    for row in (fresh, burst, after):
+        print(format_row(row), flush=True)
+    return {"fresh": fresh, "burst": burst, "after_burst": after}
 
 
 def report(result: dict) -> str:
@@ -74,13 +108,17 @@ def report(result: dict) -> str:
              f"command: {result['command']}",
              f"servers: bentoml serve {SERVICE} (settings {result['service_settings'] or 'default'}; batching off: "
              "ROADSIGHT_MAX_BATCH_SIZE=1); "
-             f"naive: python {' '.join(NAIVE_SERVER)}",
-             "", f"{'':<4}{'value':>8}  {'goal':<26}{'met':<5}what: detail"]
+             f"naive: python {' '.join(NAIVE_SERVER)}; load: wrk",
+             "", f"{'':<4}{'value':>8}  {'goal':<16}{'met':<5}what: detail"]
     for row in result["ratios"]:
-        lines.append(f"{row['id']:<4}{row['value'] if row['value'] is not None else '-':>8}  {row['goal']:<26}"
+        lines.append(f"{row['id']:<4}{row['value'] if row['value'] is not None else '-':>8}  {row['goal']:<16}"
                      f"{'yes' if row['met'] else 'NO':<5}{row['what']}: {row['detail']}")
-    lines += ["", "onnxruntime vs torch eager (in process):", inference.format_table(result["inference"]),
-              "", "served sweeps:"]
+    lines += ["", "in-process onnxruntime, before the served runs:", ceiling.format_table(result["ceiling_before"]),
+              "... and after them:", ceiling.format_table(result["ceiling_after"]),
+              "", "onnxruntime vs torch eager (in process):", inference.format_table(result["inference"]),
+              "", "burst test (fresh server):"]
+    lines += [format_row(result["burst"][key]) for key in ("fresh", "burst", "after_burst")]
+    lines += ["", "served sweeps:"]
     lines += [format_row(row) for route in ("/classify", "/dehaze") for row in result["service"][route]]
     lines += [format_row(result["service_batching_off"]) + "  [batching off]",
               format_row(result["naive_server"]) + "  [naive server]"]
@@ -92,13 +130,17 @@ def main() -> None:
     add_load_arguments(parser)
     args = parser.parse_args()
     apply_quick(args)
+    ensure_wrk()
     classify_levels = sorted(set(args.concurrency) | {P1_CONCURRENCY})
     dehaze_levels = sorted(set(args.dehaze_concurrency) | {P5_CONCURRENCY})
     result = {"date": utc_now(), "quick": args.quick, "command": command_line("benchmarks.run_all"),
               "machine": machine(), "window_s": args.window, "warmup_s": args.warmup,
               "service_settings": service_settings()}
 
-    print("in-process inference (onnxruntime vs torch eager) ...", flush=True)
+    print("in-process onnxruntime ceiling ...", flush=True)
+    result["ceiling_before"] = ceiling.measure(args.quick)
+    print(ceiling.format_table(result["ceiling_before"]), flush=True)
+    print("in-process onnxruntime vs torch eager ...", flush=True)
     result["inference"] = inference.measure(args.quick)
     print(inference.format_table(result["inference"]), flush=True)
     print("training step (hand_cnn vs cnn) ...", flush=True)
@@ -106,12 +148,13 @@ def main() -> None:
     print(result["training_step"], flush=True)
 
     def load_classify(server) -> dict:
-        row = run_window(server.url, "/classify", classify_uploads(), P1_CONCURRENCY, args.warmup, args.window, server.pid)
+        row = measure(server.url, "/classify", classify_uploads(), P1_CONCURRENCY, args.warmup, args.window, server.pid)
         print(format_row(row), flush=True)
         return {**row, "server_start_s": round(server.started_in_s, 1)}
 
-    print("service sweeps ...", flush=True)
+    print("service: burst test on the fresh server, then the sweeps ...", flush=True)
     with bentoml_serve() as server:
+        result["burst"] = burst_test(server, args.window, args.quick)
         result["service"] = {"server_start_s": round(server.started_in_s, 1),
                              **serving_sweeps(server.url, server.pid, ["/classify", "/dehaze"], classify_levels,
                                               dehaze_levels, args.warmup, args.window)}
@@ -121,6 +164,8 @@ def main() -> None:
     print("naive server ...", flush=True)
     with running(NAIVE_SERVER) as server:
         result["naive_server"] = load_classify(server)
+    print("in-process onnxruntime ceiling again ...", flush=True)
+    result["ceiling_after"] = ceiling.measure(args.quick)
 
     result["ratios"] = ratios(result)
     result["machine_after"] = machine()

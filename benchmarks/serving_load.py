@@ -1,5 +1,6 @@
-"""Concurrency sweep of the served /classify and /dehaze: p50/p95/p99 latency, throughput, errors and
-the classifier's observed batch sizes per level, in fixed time windows.
+"""Concurrency sweep of the served /classify and /dehaze with wrk (benchmarks/wrk.py): p50/p90/p99
+latency, throughput, answers by status, the CPU cores of wrk and of the server, and the onnxruntime
+batch sizes the service observed, per level, in fixed time windows.
 
     .venv/bin/python -m benchmarks.serving_load                       # starts bentoml serve on a free port
     .venv/bin/python -m benchmarks.serving_load --url http://127.0.0.1:3000 --routes /classify \\
@@ -17,8 +18,9 @@ from PIL import Image
 
 from .common import (MODELS, command_line, data_root, machine, save_result, service_settings, utc_now,
                      vehicle_images)
-from .load import Upload, run_window
+from .load import Upload
 from .server import SERVICE, bentoml_serve
+from .wrk import measure
 
 DEHAZE_SIZE = (550, 413)  # the course dehazing photos' size
 
@@ -27,31 +29,34 @@ def classify_uploads(count: int = 64) -> list[Upload]:
     return [Upload("image", path.name, path.read_bytes()) for path in vehicle_images(count)]
 
 
-def dehaze_uploads(count: int = 16) -> tuple[list[Upload], float, str]:
-    """Hazy photos at the course size, the megapixels of each and where they came from. The in-repo
-    sample is a quarter size, so it is upscaled to 550x413 when the full data is absent."""
+def dehaze_uploads(count: int = 16, size: tuple[int, int] = DEHAZE_SIZE) -> tuple[list[Upload], float, str]:
+    """Hazy photos of one ``size`` (default: the course's 550x413, one camera's frames), the
+    megapixels of each and where they came from. Photos of other sizes (the in-repo sample is a
+    quarter size) are resized to it."""
     paths = sorted((data_root("dehaze") / "hazy").glob("*.jpg"))
     paths = paths[:: max(1, len(paths) // count)][:count]
     uploads = []
     for path in paths:
         image = Image.open(path)
-        if image.size == DEHAZE_SIZE:
+        if image.size == size:
             data = path.read_bytes()
         else:
             buffer = io.BytesIO()
-            image.convert("RGB").resize(DEHAZE_SIZE, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=95)
+            image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=95)
             data = buffer.getvalue()
         uploads.append(Upload("image", path.name, data))
-    source = str(paths[0].parent) + ("" if Image.open(paths[0]).size == DEHAZE_SIZE else " (upscaled to 550x413)")
-    return uploads, DEHAZE_SIZE[0] * DEHAZE_SIZE[1] / 1e6, source
+    resized = sum(Image.open(path).size != size for path in paths)
+    source = f"{paths[0].parent}" + (f" ({resized} of {len(paths)} resized to {size[0]}x{size[1]})" if resized else "")
+    return uploads, size[0] * size[1] / 1e6, source
 
 
 def sweep(url: str, route: str, uploads: list[Upload], concurrencies: list[int], warmup_s: float, window_s: float,
           server_pid: int | None = None, megapixels_per_request: float = 0.0) -> list[dict]:
     """One measured window per concurrency level, each printed as it finishes."""
+    model = "dehazer" if route == "/dehaze" else "classifier"
     rows = []
     for concurrency in concurrencies:
-        row = run_window(url, route, uploads, concurrency, warmup_s, window_s, server_pid, megapixels_per_request)
+        row = measure(url, route, uploads, concurrency, warmup_s, window_s, server_pid, megapixels_per_request, model)
         print(format_row(row), flush=True)
         rows.append(row)
     return rows
@@ -59,8 +64,9 @@ def sweep(url: str, route: str, uploads: list[Upload], concurrencies: list[int],
 
 def format_row(row: dict) -> str:
     batches = row.get("batch_sizes")
+    middle = "p90" if "p90_ms" in row else "p95"  # wrk's percentiles, or the aiohttp client's
     text = (f"{row['route']:<10} c={row['concurrency']:<3} {row['throughput_rps']:8.2f} req/s  "
-            f"p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms  errors {row['errors'] or 0}  "
+            f"p50 {row['p50_ms']} {middle} {row[middle + '_ms']} p99 {row['p99_ms']} ms  errors {row['errors'] or 0}  "
             f"cpu server/client {row['server_cpu_cores']}/{row['client_cpu_cores']}")
     if "megapixels_per_s" in row:
         text += f"  {row['megapixels_per_s']} MP/s"
@@ -84,12 +90,12 @@ def serving_sweeps(url: str, server_pid: int | None, routes: list[str], concurre
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--window", type=float, default=20, help="measured seconds per level (default 20)")
+    parser.add_argument("--window", type=float, default=15, help="measured seconds per level (default 15)")
     parser.add_argument("--warmup", type=float, default=5, help="unmeasured seconds before each window (default 5)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
-                        help="/classify concurrency levels (default 1 2 4 8 16 32 64)")
-    parser.add_argument("--dehaze-concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
-                        help="/dehaze concurrency levels (default 1 2 4 8 16 32 64)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64],
+                        help="/classify concurrency levels (default 1 8 32 64)")
+    parser.add_argument("--dehaze-concurrency", type=int, nargs="+", default=[1, 4, 16],
+                        help="/dehaze concurrency levels (default 1 4 16)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 s windows after 1 s warm-ups, levels 1 and 32 (/dehaze: 1 and 4)")
 

@@ -28,8 +28,8 @@ from serving import processing, runtime
 from serving.images import open_rgb
 from training.evaluate import evaluate_onnx, load_contract
 
+from .ceiling import classifier_batch, dehazer_batch, service_threads
 from .common import MODELS, command_line, data_root, interleaved_medians, machine, save_result, utc_now
-from .inference import classifier_batch, dehazer_batch, service_threads
 
 TASK_DATA = {"classify": "vehicles", "dehaze": "dehaze"}  # data_root's kind of each task's dataset
 CALIBRATION_IMAGES = {"classify": 128, "dehaze": 8}

@@ -114,12 +114,23 @@ def fit_for_dehazing(image: Image.Image, max_pixels: int = MAX_DEHAZE_PIXELS, ma
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+def dehazer_pixels(image: Image.Image, multiple: int) -> np.ndarray:
+    """uint8 [3, H', W']: the image reflect-padded bottom/right to multiples of ``multiple``; what the
+    service queues for a dehazer run (a quarter of the memory of the float input)."""
+    chw = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    return pad_to_multiple(chw, max(1, int(multiple)))
+
+
+def dehazer_scale(pixels: np.ndarray) -> np.ndarray:
+    """The dehazer's float32 input in [0, 1] from uint8 pixels (any leading batch dimensions)."""
+    return pixels.astype(np.float32) / 255.0
+
+
 def dehazer_input(image: Image.Image, multiple: int) -> np.ndarray:
     """float32 [1, 3, H', W'] in [0, 1], reflect-padded bottom/right to multiples of ``multiple``."""
-    chw = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    return (pad_to_multiple(chw, max(1, int(multiple)))[None].astype(np.float32) / 255.0)
+    return dehazer_scale(dehazer_pixels(image, multiple)[None])
 
 
 def dehazer_output(clear: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 CHW of the model's [1, 3, H', W'] output cropped back to ``height`` x ``width``."""
-    return to_uint8(crop(np.asarray(clear)[0], height, width))
+    """uint8 CHW of one image's [3, H', W'] model output cropped back to ``height`` x ``width``."""
+    return to_uint8(crop(np.asarray(clear), height, width))

@@ -136,7 +136,7 @@ def read_contract(json_path: Path, task: str) -> tuple[dict, Path, str]:
     return contract, onnx_path, digest
 
 
-def _gpu_present() -> bool:
+def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
@@ -168,8 +168,8 @@ def create_session(onnx_path: Path, task: str, threads: int, preference: str = "
         raise ModelError(f"ROADSIGHT_PROVIDER={preference!r} is not one of {', '.join(PROVIDER_CHOICES)}")
     ort.set_default_logger_severity(3)  # warnings and info off; errors only
     compiled = set(ort.get_available_providers())
-    gpu_present = _gpu_present()
-    if preference != "cpu" and "CUDAExecutionProvider" in compiled and gpu_present:
+    has_gpu = gpu_present()
+    if preference != "cpu" and "CUDAExecutionProvider" in compiled and has_gpu:
         try:
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
         except Exception as exc:  # pragma: no cover - depends on the GPU machine
@@ -186,7 +186,7 @@ def create_session(onnx_path: Path, task: str, threads: int, preference: str = "
         if any(name not in compiled for name in names):
             continue
         # Without an NVIDIA device the CUDA attempt can only fail: keep its library-load error quiet too.
-        quiet = names != ["CPUExecutionProvider"] and not gpu_present and preference == "auto"
+        quiet = names != ["CPUExecutionProvider"] and not has_gpu and preference == "auto"
         ort.set_default_logger_severity(4 if quiet else 3)
         try:
             session = ort.InferenceSession(str(onnx_path), options, providers=providers)
@@ -201,7 +201,7 @@ def create_session(onnx_path: Path, task: str, threads: int, preference: str = "
         break
     else:  # pragma: no cover - the CPU provider is always compiled in
         raise ModelError(f"model file {onnx_path} cannot be loaded by onnxruntime: {last_error}")
-    if active == "CPUExecutionProvider" and gpu_present and preference != "cpu":
+    if active == "CPUExecutionProvider" and has_gpu and preference != "cpu":
         log.warning("an NVIDIA device is present but %s runs on the CPU: onnxruntime could not use CUDA "
                     "(onnxruntime-gpu 1.31 needs CUDA 13 and cuDNN 9 libraries)", onnx_path.name)
     wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider" if task == "classify"

@@ -7,26 +7,22 @@ Endpoints (multipart form uploads; errors are JSON ``{"error": ...}`` with a 4xx
 - ``POST /classify``        field ``image``: ``{label, confidence, probabilities: {bus, car, truck}}``
 - ``POST /classify_batch``  field ``images`` (repeated, up to 64): a list of the above, in order
 - ``POST /dehaze``          field ``image`` (+ ``format`` png|jpeg, ``quality``, ``downscale``): the image
-- ``POST /classify_tensors`` the batched inner method (JSON ``{"tensors": [base64 uint8 CHW, ...]}``)
 - ``GET /info``             models, versions (sha256), provider, input sizes, limits, observed batch sizes
 - ``GET /livez``, ``/readyz``, ``/metrics`` (BentoML's own), ``/`` (OpenAPI UI)
 
-Single /classify requests are decoded and resized on their own, then handed to ``classify_tensors``
-through BentoML's adaptive batching (``batchable=True``), so concurrent requests share one
-onnxruntime run. Everything the models need (labels, input size, resize rule, padding) comes from
-their JSON files (models/README.md). Settings come from ``ROADSIGHT_*`` environment variables, read
-when the module is imported (see README "Serving").
+Each request is parsed once by BentoML, decoded and resized in a thread, and its arrays go to the
+model's batcher (``serving/batching.py``) inside the same worker: concurrent requests share one
+onnxruntime run without a second request path, and an idle model runs a request at once.
+Everything the models need (labels, input size, resize rule, padding) comes from their JSON files
+(models/README.md). Settings come from ``ROADSIGHT_*`` environment variables, read when the module
+is imported (see README "Serving").
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import collections
 import functools
 import logging
 import os
-import threading
 import time
 import typing as t
 import warnings
@@ -43,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving import bentoml_timeout, processing
+from serving.batching import Batcher, Overloaded
 from serving.images import ENCODINGS, encode
 
 log = logging.getLogger("bentoml.roadsight")
@@ -58,13 +55,10 @@ def _env_int(name: str, default: int) -> int:
 
 
 WORKERS = _env_int("ROADSIGHT_WORKERS", 1)
-MAX_BATCH_SIZE = _env_int("ROADSIGHT_MAX_BATCH_SIZE", 32)  # 1: adaptive batching off
-# BentoML sheds (503) what it predicts will miss this target, so it must exceed one full batch's run:
-# about 0.9 s for 32 images on 2 CPU cores. At 500 ms a third of a c=32 burst was shed while the
-# cores idled (benchmarks/README.md); on a GPU a lower target can be set.
-MAX_LATENCY_MS = _env_int("ROADSIGHT_MAX_LATENCY_MS", 2000)
-BATCHING = ({"batchable": True, "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS}
-            if MAX_BATCH_SIZE > 1 else {})  # BentoML itself refuses max_batch_size=1
+MAX_BATCH_SIZE = max(1, _env_int("ROADSIGHT_MAX_BATCH_SIZE", 32))  # 1: batching off
+# Images waiting for the classifier per worker before requests are shed (503): 8 full batches,
+# about 2 s of work on 2 CPU cores; a client waits that long at most before its run starts.
+MAX_QUEUE = _env_int("ROADSIGHT_MAX_QUEUE", 256)
 TIMEOUT_S = _env_int("ROADSIGHT_TIMEOUT_S", 120)
 MAX_REQUEST_BYTES = _env_int("ROADSIGHT_MAX_REQUEST_BYTES", 64 * 2**20)
 UPLOAD_TIMEOUT_S = _env_int("ROADSIGHT_UPLOAD_TIMEOUT_S", 60)
@@ -75,34 +69,6 @@ class Classification(BaseModel):
     label: str = Field(description="the most probable class")
     confidence: float = Field(description="its probability")
     probabilities: dict[str, float] = Field(description="every class's probability (labels from the model's JSON)")
-
-
-class BatchStats:
-    """Sizes of the onnxruntime runs of the batched classifier (per worker process)."""
-
-    def __init__(self, keep: int = 256):
-        self._lock = threading.Lock()
-        self._keep = keep
-        self.reset()
-
-    def reset(self) -> None:
-        with self._lock:
-            self.histogram: collections.Counter[int] = collections.Counter()
-            self.recent: collections.deque[int] = collections.deque(maxlen=self._keep)
-
-    def record(self, size: int) -> None:
-        with self._lock:
-            self.histogram[size] += 1
-            self.recent.append(size)
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            runs = sum(self.histogram.values())
-            images = sum(size * count for size, count in self.histogram.items())
-            return {"runs": runs, "images": images, "max": max(self.histogram, default=0),
-                    "mean": images / runs if runs else 0.0,
-                    "histogram": {str(size): self.histogram[size] for size in sorted(self.histogram)},
-                    "recent": list(self.recent)}
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: t.Any) -> JSONResponse:
@@ -243,13 +209,12 @@ class _RequestGuard:
 _info_app = Starlette(routes=[Route("/info", _info_endpoint, methods=["GET"])])
 
 
+def _overloaded(what: str) -> JSONResponse:
+    return _error(503, f"overloaded: the {what} queue is full; retry shortly", headers={"Retry-After": "1"})
+
+
 @bentoml.asgi_app(_info_app, path="/")
-# runner_connection: BentoML 1.4.39 renews the client session of the service's own proxy every 100
-# requests / 300 s and closes the old one with requests still in flight on it ("Server
-# disconnected", seen as 500s under load); the proxy is in-process (an ASGI connector, no sockets),
-# so it never needs renewing.
-@bentoml.service(name="roadsight", workers=WORKERS, threads=2, traffic={"timeout": TIMEOUT_S},
-                 runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9})
+@bentoml.service(name="roadsight", workers=WORKERS, threads=2, traffic={"timeout": TIMEOUT_S})
 class Roadsight:
     """Vehicle classification (bus / car / truck) and image dehazing with the shipped ONNX models."""
 
@@ -270,15 +235,20 @@ class Roadsight:
         self.labels = list(self.classifier.contract["labels"])
         self.tensor_shape = (3, int(spec["height"]), int(spec["width"]))
         self.pad_multiple = int(self.dehazer.contract.get("pad_multiple", 1))
-        self.batch_stats = BatchStats()
-        self.dehaze_limiter = anyio.CapacityLimiter(_env_int("ROADSIGHT_DEHAZE_CONCURRENCY", 1))
-        self._warm_up_sessions()
-        self._batcher_ready = False
-        self._batcher_warmup_calls = 0
+        self.classify_batcher = Batcher("classifier", functools.partial(self._run, self.classifier),
+                                        MAX_BATCH_SIZE, MAX_QUEUE)
+        # A dehazer run holds at most the pixels of one largest image (the memory bound /dehaze always
+        # had), so same-size camera frames share runs and a 4-megapixel image runs alone.
+        self.dehaze_max_queue_pixels = _env_int("ROADSIGHT_DEHAZE_MAX_QUEUE_PIXELS",
+                                                max(16_000_000, self.max_dehaze_pixels))
+        self.dehaze_batcher = Batcher("dehazer", self._run_dehazer, MAX_BATCH_SIZE, self.dehaze_max_queue_pixels,
+                                      cost=lambda pixels: pixels.shape[-2] * pixels.shape[-1],
+                                      max_batch_cost=self.max_dehaze_pixels)
+        self._warm_up()
         log.info("roadsight: models from %s; classifier %s on %s, dehazer %s on %s; %d intra-op threads "
-                 "(%d cores / %d workers); ready in %.1f s", self.models_dir, self.classifier.sha256[:12],
-                 self.classifier.provider, self.dehazer.sha256[:12], self.dehazer.provider, self.threads,
-                 self.cores, WORKERS, time.perf_counter() - started)
+                 "(%d cores / %d workers); batches of up to %d; ready in %.1f s", self.models_dir,
+                 self.classifier.sha256[:12], self.classifier.provider, self.dehazer.sha256[:12],
+                 self.dehazer.provider, self.threads, self.cores, WORKERS, MAX_BATCH_SIZE, time.perf_counter() - started)
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -294,45 +264,28 @@ class Roadsight:
         log.info("roadsight: models in %s pass their contract checks (%s)", models_dir,
                  ", ".join(path.name for path in checked))
 
-    def _warm_up_sessions(self) -> None:
-        """One run per model (and a small batch for the classifier) so no request pays for it."""
-        model = self.classifier
-        for n in (1, min(4, MAX_BATCH_SIZE)):
-            model.session.run([model.output_name], {model.input_name: np.zeros((n, *self.tensor_shape), np.uint8)})
+    def _warm_up(self) -> None:
+        """A run of each model at the batch sizes requests bring first (one, and a full batch for the
+        classifier), so no request pays for onnxruntime's first-run set-up."""
+        for n in sorted({1, MAX_BATCH_SIZE}):
+            self._run(self.classifier, np.zeros((n, *self.tensor_shape), np.uint8))
         side = self.pad_multiple * max(1, -(-64 // self.pad_multiple))
-        self.dehazer.session.run([self.dehazer.output_name],
-                                 {self.dehazer.input_name: np.zeros((1, 3, side, side), np.float32)})
+        self._run_dehazer(np.zeros((1, 3, side, side), np.uint8))
 
-    @bentoml.on_startup
-    async def _start_batcher_warm_up(self) -> None:
-        self._warm_up_task = asyncio.get_running_loop().create_task(self._warm_up_batcher())
+    @bentoml.on_shutdown
+    def _stop_batchers(self) -> None:
+        self.classify_batcher.close()
+        self.dehaze_batcher.close()
 
-    async def _warm_up_batcher(self) -> None:
-        """Train BentoML's adaptive batcher before /readyz says ready.
+    # -- the models (called in the batchers' threads) --------------------------------------------
 
-        Its dispatcher learns how run time grows with batch size from its first ~11 batches and
-        works at batch size 1 until then; these in-process calls go through it (the service's own
-        proxy, as client requests do), so a burst right after start-up is already batched.
-        """
-        try:
-            for _ in range(600):  # the proxy is attached right after the start-up hooks
-                if getattr(self, "__self_proxy__", None) is not None:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError("the service's self-proxy never appeared")
-            tensor = base64.b64encode(np.zeros(self.tensor_shape, np.uint8).tobytes()).decode("ascii")
-            for group in [1] * 10 + [2, 3, 4, 4]:
-                await asyncio.gather(*(self.to_async.classify_tensors([tensor]) for _ in range(group)))
-                self._batcher_warmup_calls += group
-        except Exception:
-            log.exception("warming up the adaptive batcher failed; serving anyway")
-        self.batch_stats.reset()
-        self._batcher_ready = True
-        log.info("roadsight: adaptive batcher warmed up with %d calls", self._batcher_warmup_calls)
+    @staticmethod
+    def _run(model, batch: np.ndarray) -> np.ndarray:
+        (output,) = model.session.run([model.output_name], {model.input_name: batch})
+        return output
 
-    def __is_ready__(self) -> bool:
-        return self._batcher_ready
+    def _run_dehazer(self, pixels: np.ndarray) -> np.ndarray:
+        return self._run(self.dehazer, processing.dehazer_scale(pixels))
 
     # -- classification -------------------------------------------------------------------------
 
@@ -340,32 +293,15 @@ class Roadsight:
         image = processing.decode_image(_upload_bytes(path))
         return processing.classifier_input(image, self.classifier.contract["input"])
 
-    def _tensor_text(self, chw: np.ndarray) -> str:
-        return base64.b64encode(np.ascontiguousarray(chw, dtype=np.uint8).tobytes()).decode("ascii")
-
-    async def _classify_prepared(self, tensors: list[str]) -> list[dict] | JSONResponse:
-        from bentoml.exceptions import BentoMLException
-
-        for attempt in (1, 2):
-            try:
-                results = await self.to_async.classify_tensors(tensors)
-                break
-            except BentoMLException as exc:
-                status = int(exc.error_code)
-                if status == 503:
-                    return _error(503, f"overloaded: the classifier could not meet its {MAX_LATENCY_MS} ms latency "
-                                       "target for this request; retry shortly", headers={"Retry-After": "1"})
-                log.error("classify_tensors failed with %s: %s", status, exc.message)
-                return _error(500, "classification failed; see the server log")
-            except Exception:  # the in-process connection itself failed: retry once, it is idempotent
-                if attempt == 2:
-                    log.exception("calling classify_tensors failed twice")
-                    return _error(500, "classification failed; see the server log")
-                log.warning("calling classify_tensors failed; retrying once", exc_info=True)
-        if any("error" in result for result in results):
-            log.error("classify_tensors refused the service's own tensors: %s", results)
+    async def _classify(self, arrays: list[np.ndarray]) -> list[Classification] | JSONResponse:
+        try:
+            rows = await self.classify_batcher.submit(arrays)
+        except Overloaded:
+            return _overloaded("classifier")
+        except Exception:
+            log.exception("classifying %d images failed", len(arrays))
             return _error(500, "classification failed; see the server log")
-        return results
+        return [Classification(**processing.classification(row, self.labels)) for row in rows]
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path) -> Classification:
@@ -374,8 +310,8 @@ class Roadsight:
             chw = await anyio.to_thread.run_sync(self._prepare, image)
         except processing.InputError as exc:
             return _error(exc.status, f"field 'image': {exc.message}")
-        results = await self._classify_prepared([self._tensor_text(chw)])
-        return results if isinstance(results, JSONResponse) else Classification(**results[0])
+        results = await self._classify([chw])
+        return results if isinstance(results, JSONResponse) else results[0]
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(self, images: list[Path]) -> list[Classification]:
@@ -384,54 +320,25 @@ class Roadsight:
             return _error(400, "field 'images': no files were sent")
         if len(images) > MAX_BATCH_IMAGES:
             return _error(413, f"field 'images': {len(images)} files, at most {MAX_BATCH_IMAGES} per request")
-        tensors = []
+        arrays = []
         for index, path in enumerate(images):
             try:
-                tensors.append(self._tensor_text(await anyio.to_thread.run_sync(self._prepare, path)))
+                arrays.append(await anyio.to_thread.run_sync(self._prepare, path))
             except processing.InputError as exc:
                 return _error(exc.status, f"field 'images', file {index}: {exc.message}", index=index)
-        results = await self._classify_prepared(tensors)
-        return results if isinstance(results, JSONResponse) else [Classification(**r) for r in results]
-
-    @bentoml.api(route="/classify_tensors", **BATCHING)
-    def classify_tensors(self, tensors: list[str]) -> list[dict[str, t.Any]]:
-        """The batched classifier behind /classify: each item is base64 of a uint8 [3, height, width]
-        array (RGB, already stretched per the model's JSON, sizes in /info). BentoML's adaptive
-        batching joins concurrent calls into one onnxruntime run. An item it cannot use gets
-        ``{"error": ...}`` instead of a classification."""
-        arrays, results = [], []
-        expected = int(np.prod(self.tensor_shape))
-        for text in tensors:
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError, TypeError):
-                results.append({"error": "not base64"})
-                continue
-            if len(raw) != expected:
-                results.append({"error": f"{len(raw)} bytes, expected {expected} (uint8 {list(self.tensor_shape)})"})
-                continue
-            arrays.append(np.frombuffer(raw, np.uint8).reshape(self.tensor_shape))
-            results.append(None)
-        if arrays:
-            self.batch_stats.record(len(arrays))
-            model = self.classifier
-            (probabilities,) = model.session.run([model.output_name], {model.input_name: np.stack(arrays)})
-            rows = iter(probabilities)
-            results = [processing.classification(next(rows), self.labels) if r is None else r for r in results]
-        return results
+        return await self._classify(arrays)
 
     # -- dehazing -------------------------------------------------------------------------------
 
-    def _prepare_dehaze(self, path: Path, downscale: bool) -> tuple[Image.Image, tuple[int, int]]:
+    def _prepare_dehaze(self, path: Path, downscale: bool) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """The padded pixels for the dehazer, the size to crop its output to, and the upload's size."""
         image = processing.decode_image(_upload_bytes(path))
         original = image.size
-        return processing.fit_for_dehazing(image, self.max_dehaze_pixels, processing.MAX_DEHAZE_SIDE, downscale), original
+        image = processing.fit_for_dehazing(image, self.max_dehaze_pixels, processing.MAX_DEHAZE_SIDE, downscale)
+        return processing.dehazer_pixels(image, self.pad_multiple), image.size, original
 
-    def _run_dehazer(self, image: Image.Image, fmt: str, quality: int) -> bytes:
-        width, height = image.size
-        model = self.dehazer
-        (clear,) = model.session.run([model.output_name],
-                                     {model.input_name: processing.dehazer_input(image, self.pad_multiple)})
+    @staticmethod
+    def _encode_dehazed(clear: np.ndarray, width: int, height: int, fmt: str, quality: int) -> bytes:
         return encode(processing.dehazer_output(clear, height, width), fmt, quality)
 
     @bentoml.api(route="/dehaze")
@@ -441,18 +348,19 @@ class Roadsight:
         (``format=jpeg``) JPEG. Inputs over the limit (4 megapixels, 4096 px a side by default) are
         refused with 413 unless ``downscale=true``, which shrinks them to fit first."""
         try:
-            picture, original = await anyio.to_thread.run_sync(self._prepare_dehaze, image, downscale)
+            pixels, (width, height), original = await anyio.to_thread.run_sync(self._prepare_dehaze, image, downscale)
         except processing.InputError as exc:
             return _error(exc.status, f"field 'image': {exc.message}")
         try:
-            body = await anyio.to_thread.run_sync(self._run_dehazer, picture, format, quality,
-                                                  limiter=self.dehaze_limiter)
+            (clear,) = await self.dehaze_batcher.submit([pixels])
+            body = await anyio.to_thread.run_sync(self._encode_dehazed, clear, width, height, format, quality)
+        except Overloaded:
+            return _overloaded("dehazer")
         except Exception:
-            log.exception("dehazing a %dx%d image failed", *picture.size)
+            log.exception("dehazing a %dx%d image failed", width, height)
             return _error(500, "dehazing failed; see the server log")
-        headers = {"X-Image-Size": "%dx%d" % picture.size,
-                   "Content-Disposition": f'inline; filename="dehazed.{format}"'}
-        if picture.size != original:
+        headers = {"X-Image-Size": f"{width}x{height}", "Content-Disposition": f'inline; filename="dehazed.{format}"'}
+        if (width, height) != original:
             headers["X-Downscaled-From"] = "%dx%d" % original
         return Response(body, media_type=ENCODINGS[format][1], headers=headers)
 
@@ -472,10 +380,15 @@ class Roadsight:
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
                         "intra_op_threads": self.threads},
-            "batching": {"enabled": bool(BATCHING), "max_batch_size": MAX_BATCH_SIZE, "max_latency_ms": MAX_LATENCY_MS,
-                         "ready": self._batcher_ready, "warmup_calls": self._batcher_warmup_calls,
-                         "observed": self.batch_stats.snapshot(),
-                         "note": "observed onnxruntime batch sizes of this worker since start-up"},
+            "batching": {
+                "max_batch_size": MAX_BATCH_SIZE,
+                "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,
+                               "observed": self.classify_batcher.stats.snapshot()},
+                "dehazer": {"max_batch_pixels": self.max_dehaze_pixels,
+                            "max_queue_pixels": self.dehaze_max_queue_pixels,
+                            "queued_pixels": self.dehaze_batcher.queued,
+                            "observed": self.dehaze_batcher.stats.snapshot()},
+                "note": "observed: sizes of this worker's onnxruntime runs since start-up"},
         }
 
 

@@ -129,7 +129,7 @@ def test_dehazer_padding_and_crop_round_trip():
     chw = np.asarray(image).transpose(2, 0, 1)
     assert np.array_equal(x[0], pad_to_multiple(chw, 8).astype(np.float32) / 255)
     assert np.array_equal(x[0, :, 5:, :13], x[0, :, 3:0:-1, :13][:, :3])  # reflected, not repeated
-    out = processing.dehazer_output(x, 5, 13)
+    out = processing.dehazer_output(x[0], 5, 13)
     assert out.shape == (3, 5, 13) and np.array_equal(out, chw)
     assert processing.dehazer_input(Image.new("RGB", (1, 1)), 16).shape == (1, 3, 16, 16)
     assert processing.dehazer_input(image, 1).shape == (1, 3, 5, 13)

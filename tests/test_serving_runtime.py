@@ -104,7 +104,7 @@ def test_provider_preferences(standins, monkeypatch):
     with pytest.raises(ModelError, match="not one of auto, cpu, cuda, tensorrt"):
         runtime.load_model(standins, "classify", 1, preference="gpu")
     assert runtime.load_model(standins, "classify", 1, preference="cpu").provider == "CPUExecutionProvider"
-    if runtime._gpu_present():
+    if runtime.gpu_present():
         pytest.skip("an NVIDIA device is present; a CUDA-or-fail request may legitimately succeed")
     with pytest.raises(ModelError, match="ROADSIGHT_PROVIDER=cuda but vehicle_classifier.onnx runs on CPU"):
         runtime.load_model(standins, "classify", 1, preference="cuda")

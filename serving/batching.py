@@ -1,0 +1,149 @@
+"""Batching inside the service worker: one onnxruntime run for everything that queued meanwhile.
+
+Requests hand their prepared arrays to a ``Batcher`` and await the rows of the output. When the
+model is idle an array is run at once, as a batch of one: no wait is added for a batch to fill.
+While a run is in progress, arrays queue; the next run takes every queued array of the first one's
+shape (up to ``max_batch_size`` arrays and ``max_batch_cost``), so under load batches grow to what
+arrived during one run. Runs happen one at a time in a thread of the batcher's own (onnxruntime
+releases the GIL, so the event loop keeps parsing and answering requests meanwhile). The queue is
+bounded: an array that would take it over ``max_queued`` is refused with ``Overloaded`` instead of
+waiting longer than the client would.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import typing as t
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class Overloaded(RuntimeError):
+    """The batcher's queue is full; the request should be retried later (HTTP 503)."""
+
+
+@dataclass
+class _Queued:
+    array: np.ndarray
+    cost: int
+    future: asyncio.Future
+
+
+class BatchStats:
+    """Sizes of the batcher's runs (per worker process), for /info."""
+
+    def __init__(self, keep: int = 256):
+        self._lock = threading.Lock()
+        self._keep = keep
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.histogram: collections.Counter[int] = collections.Counter()
+            self.recent: collections.deque[int] = collections.deque(maxlen=self._keep)
+
+    def record(self, size: int) -> None:
+        with self._lock:
+            self.histogram[size] += 1
+            self.recent.append(size)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            runs = sum(self.histogram.values())
+            images = sum(size * count for size, count in self.histogram.items())
+            return {"runs": runs, "images": images, "max": max(self.histogram, default=0),
+                    "mean": images / runs if runs else 0.0,
+                    "histogram": {str(size): self.histogram[size] for size in sorted(self.histogram)},
+                    "recent": list(self.recent)}
+
+
+class Batcher:
+    """Runs ``run`` (a stacked batch in, one output row per array out) on the arrays submitted.
+
+    ``cost(array)`` counts against ``max_batch_cost`` per run and ``max_queued`` in the queue (by
+    default one per array); an array whose cost alone exceeds ``max_batch_cost`` runs alone.
+    A request is never refused while the queue is empty, whatever its cost.
+    """
+
+    def __init__(self, name: str, run: t.Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queued: int,
+                 cost: t.Callable[[np.ndarray], int] = lambda array: 1, max_batch_cost: int | None = None):
+        self.name, self._run = name, run
+        self.max_batch_size, self.max_queued = max(1, max_batch_size), max_queued
+        self._cost, self.max_batch_cost = cost, max_batch_cost
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._queued_cost = 0
+        self._runner: asyncio.Task | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"roadsight-{name}")
+        self.stats = BatchStats()
+
+    @property
+    def queued(self) -> int:
+        """The cost waiting for a run (not counting the run in progress)."""
+        return self._queued_cost
+
+    async def submit(self, arrays: t.Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The output rows for ``arrays``, in order; ``Overloaded`` if the queue cannot take them all."""
+        costs = [self._cost(array) for array in arrays]
+        if self._queued_cost and self._queued_cost + sum(costs) > self.max_queued:
+            raise Overloaded(f"{self._queued_cost} queued for the {self.name}, at most {self.max_queued}")
+        loop = asyncio.get_running_loop()
+        items = [_Queued(array, cost, loop.create_future()) for array, cost in zip(arrays, costs)]
+        self._queue.extend(items)
+        self._queued_cost += sum(costs)
+        if self._runner is None:
+            self._runner = loop.create_task(self._run_queue())
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            for item in items:  # a cancelled request leaves the queue without being run
+                item.future.cancel()
+
+    def _take(self) -> list[_Queued]:
+        """The next batch: the oldest live array and every queued one of its shape that fits."""
+        batch: list[_Queued] = []
+        kept: collections.deque[_Queued] = collections.deque()
+        budget = self.max_batch_cost
+        while self._queue:
+            item = self._queue.popleft()
+            if item.future.done():  # its request went away
+                self._queued_cost -= item.cost
+                continue
+            fits = len(batch) < self.max_batch_size and (
+                not batch or (item.array.shape == batch[0].array.shape
+                              and (budget is None or item.cost <= budget)))
+            if fits:
+                batch.append(item)
+                self._queued_cost -= item.cost
+                if budget is not None:
+                    budget -= item.cost
+            else:
+                kept.append(item)
+        self._queue = kept
+        return batch
+
+    async def _run_queue(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while batch := self._take():
+                self.stats.record(len(batch))
+                try:
+                    outputs = await loop.run_in_executor(self._thread, self._stack_and_run, [i.array for i in batch])
+                except Exception as exc:
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                for item, row in zip(batch, outputs):
+                    if not item.future.done():
+                        item.future.set_result(row)
+        finally:
+            self._runner = None
+
+    def _stack_and_run(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return self._run(np.stack(arrays))  # in the batcher's thread: the copy holds up no request
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
