@@ -43,7 +43,7 @@ def tiny_config(tmp_path, **overrides):
 
     options = dict(data=str(SAMPLE / "vehicles"), net="cnn", net_options={"depth": 2, "width": 8}, image_size=32,
                    epochs=1, batch_size=8, val_fraction=0.2, checkpoint_dir=str(tmp_path / "ckpt"),
-                   experiment="test-classify", log_model=False)
+                   experiment="test-classify", log_model=False, feature_cache=str(tmp_path / "features"))
     options.update(overrides)
     return ClassifyConfig(**options)
 

@@ -166,3 +166,72 @@ def test_inside_a_run_the_first_signal_waits_for_the_next_step_and_a_second_stop
         # the block's end raises what is still pending
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)  # outside a run: at once, as Python does
+
+
+@pytest.fixture
+def other_sources(tmp_path):
+    """A stand-in for vehicles-other: sample images renamed web_* and crop_* (crops of cars and trucks only)."""
+    import shutil
+
+    from conftest import SAMPLE
+
+    root = tmp_path / "other"
+    for c in ("bus", "car", "truck"):
+        (root / c).mkdir(parents=True)
+        files = sorted((SAMPLE / "vehicles" / c).glob("*.jpg"))[::4]
+        for i, f in enumerate(files):
+            prefix = "web" if c == "bus" or i % 2 else "crop"
+            shutil.copy(f, root / c / f"{prefix}_{c}_{i:03d}.jpg")
+    return root
+
+
+def test_blocked_cv_from_the_command_line_logs_a_parent_run_with_a_child_per_fold(tmp_path, mlflow_store, other_sources):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    cmd = [sys.executable, "-m", "training.cli", "train", "classify", "--data", str(SAMPLE / "vehicles"), "--net", "cnn",
+           "--net-options", '{"depth": 2, "width": 8}', "--image-size", "32", "--epochs", "0", "--linear-probe-l2", "0.01",
+           "--cv", "blocked:3", "--validate-on", str(other_sources), "--no-score-test", "--no-log-model",
+           "--feature-cache", str(tmp_path / "features"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--experiment", "test-cv"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "blocked-CV accuracy" in proc.stdout and "other-source accuracy" in proc.stdout and "temperature" in proc.stdout
+    runs = mlflow.search_runs(experiment_names=["test-cv"], output_format="list")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["cv_fold"] for r in children) == ["1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    held = [mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/data/held_out.txt").splitlines() for r in children]
+    assert sum(map(len, held)) == 30 and len({p for h in held for p in h}) == 30  # the training part, once each
+    for child in children:
+        assert {"cv_accuracy", "cv_macro_f1", "cv_ece", "other_accuracy", "other_web_accuracy",
+                "other_crop_accuracy", "other_recall_bus"} <= set(child.data.metrics)
+    m = parent.data.metrics
+    fold_accuracy = [r.data.metrics["cv_accuracy"] for r in children]
+    assert m["cv_accuracy"] == pytest.approx(sum(fold_accuracy) / 3)
+    assert m["cv_accuracy_std"] == pytest.approx(float(torch.tensor(fold_accuracy).std(unbiased=False)))
+    assert {"cv_other_accuracy", "other_accuracy", "other_web_accuracy", "other_crop_accuracy", "other_web_recall_bus",
+            "other_crop_recall_car", "temperature", "cv_ece_uncalibrated", "cv_ece_calibrated",
+            "other_ece_uncalibrated", "other_ece_calibrated"} <= set(m)
+    assert not any(k.startswith("test_") for k in m)  # --no-score-test: the test split stays unseen
+    assert m["cv_ece_calibrated"] <= m["cv_ece_uncalibrated"] + 0.05
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/reliability.png" in artifacts
+    weights = torch.load(mlflow.artifacts.download_artifacts(f"runs:/{parent.info.run_id}/checkpoint/weights.pt"),
+                         weights_only=True)
+    assert float(weights["temperature"]) == pytest.approx(m["temperature"])  # carried into the export
+
+
+def test_cross_validation_of_a_trained_recipe_trains_every_fold(tmp_path, mlflow_store):
+    result = train_classifier(tiny_config(tmp_path, epochs=1, val_fraction=0.0, cv="blocked:2", calibrate=False))
+    runs = mlflow.search_runs(experiment_names=["test-classify"], output_format="list")
+    assert len(runs) == 3
+    assert {"cv_accuracy", "cv_accuracy_std", "test_accuracy"} <= set(mlflow.get_run(result.run_id).data.metrics)
+    assert float(result.model.temperature) == 1.0
+
+
+def test_extra_data_joins_the_fitted_part_and_is_logged(tmp_path, mlflow_store, other_sources):
+    result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-2, val_fraction=0.0,
+                                          extra_data=str(other_sources), feature_cache=str(tmp_path / "features")))
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["data.extra"] == "9"
+    extra = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/extra.txt").splitlines()
+    assert len(extra) == 9 and all("other" in path for path in extra)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from conftest import SAMPLE, FULL_DATA, needs_full_data
-from training.data.vehicles import DataError, carve_validation, lighting_balanced, list_images, split_vehicles
+from training.data.vehicles import (DataError, blocked_folds, carve_validation, labelled_folder, lighting_balanced,
+                                    list_images, parse_cv, source_group, split_vehicles)
+from training.features import file_digest
 
 
 def test_tail_split_takes_the_last_names_of_each_class():
@@ -115,3 +117,67 @@ def test_full_vehicle_split_matches_the_documented_counts():
     assert split.summary() == {"train": 1074, "test": 270, "excluded": 13, "train_bus": 169, "train_car": 620,
                                "train_truck": 285, "test_bus": 44, "test_car": 154, "test_truck": 72}
     assert sum("conflicting" in why for _, why in split.excluded) == 10
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_blocked_folds_hold_out_contiguous_blocks_of_every_class_and_cover_the_training_part(k):
+    split = split_vehicles(SAMPLE / "vehicles", test_fraction=0.25)  # 9 training images per class
+    folds = blocked_folds(split.train, k, 3)
+    assert len(folds) == k
+    held = [i for fold in folds for i in fold]
+    assert sorted(held) == list(range(len(split.train)))  # disjoint and covering
+    for label in range(3):
+        names = [s.path.name for s in split.train if s.label == label]
+        blocks = [[split.train[i].path.name for i in fold if split.train[i].label == label] for fold in folds]
+        assert [name for block in blocks for name in block] == names  # fold i holds block i, in name order
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+        assert all(blocks)  # every fold holds out some images of every class
+
+
+def test_blocked_folds_sort_by_name_whatever_the_order_given():
+    split = split_vehicles(SAMPLE / "vehicles")
+    shuffled = list(reversed(split.train))
+    first = [shuffled[i].path.name for i in blocked_folds(shuffled, 4, 3)[0]]
+    assert sorted(first) == sorted(s.path.name for s in (split.train[i] for i in blocked_folds(split.train, 4, 3)[0]))
+    assert "bus001.jpg" in first and "car001.jpg" in first
+
+
+def test_no_image_is_on_both_sides_of_a_fold(vehicle_copy):
+    bus = list_images(vehicle_copy / "bus")
+    car = list_images(vehicle_copy / "car")
+    shutil.copy(bus[0], vehicle_copy / "car" / "car500.jpg")  # conflicting labels, mid-list
+    shutil.copy(car[0], vehicle_copy / "car" / "car501.jpg")  # a repeat within the class, in another block
+    split = split_vehicles(vehicle_copy)
+    for fold in blocked_folds(split.train, 3, 3):
+        inside = {file_digest(split.train[i].path) for i in fold}
+        outside = {file_digest(s.path) for i, s in enumerate(split.train) if i not in fold}
+        assert inside.isdisjoint(outside)
+    names = {s.path.name for s in split.train}
+    assert "car501.jpg" not in names and "car500.jpg" not in names and bus[0].name not in names
+
+
+def test_cv_specs_are_parsed_or_refused():
+    assert parse_cv("blocked:5") == 5 and parse_cv(None) == 0 and parse_cv("none") == 0
+    for bad in ("random:5", "blocked", "blocked:x", "5"):
+        with pytest.raises(ValueError, match="blocked:K"):
+            parse_cv(bad)
+    split = split_vehicles(SAMPLE / "vehicles")
+    with pytest.raises(ValueError, match="fewer than the 20 folds"):
+        blocked_folds(split.train, 20, 3)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        blocked_folds(split.train, 1, 3)
+
+
+def test_other_source_folders_are_read_whole_with_their_source_groups(tmp_path):
+    for c in ("bus", "car", "truck"):
+        (tmp_path / c).mkdir()
+    shutil.copy(SAMPLE / "vehicles" / "bus" / "bus001.jpg", tmp_path / "bus" / "web_bus_001.jpg")
+    shutil.copy(SAMPLE / "vehicles" / "car" / "car001.jpg", tmp_path / "car" / "crop_car_001.jpg")
+    shutil.copy(SAMPLE / "vehicles" / "car" / "car071.jpg", tmp_path / "car" / "car071.jpg")
+    samples = labelled_folder(tmp_path)
+    assert [(s.path.name, s.label) for s in samples] == [("web_bus_001.jpg", 0), ("car071.jpg", 1), ("crop_car_001.jpg", 1)]
+    assert [source_group(s.path) for s in samples] == ["web", "", "crop"]
+    for c in ("bus", "car", "truck"):
+        (tmp_path / "empty" / c).mkdir(parents=True)
+    with pytest.raises(DataError, match="empty holds no images"):
+        labelled_folder(tmp_path / "empty")

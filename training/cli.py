@@ -62,8 +62,13 @@ def cmd_train_classify(args: argparse.Namespace) -> int:
 
     result = train_classifier(config_from_args(ClassifyConfig, args))
     m = result.metrics
-    print(f"run {result.run_id}: test accuracy {m['test_accuracy']:.4f}, macro-F1 {m['test_macro_f1']:.4f}, "
-          f"{m['total_seconds']:.0f} s; checkpoint {result.checkpoint}")
+    figures = [f"{name} accuracy {m[f'{key}_accuracy']:.4f}" + (f" +- {m[f'{key}_accuracy_std']:.4f}" if f"{key}_accuracy_std" in m else "")
+               + f", macro-F1 {m[f'{key}_macro_f1']:.4f}" for name, key in
+               (("blocked-CV", "cv"), ("other-source", "other"), ("test", "test")) if f"{key}_accuracy" in m]
+    if "temperature" in m:
+        figures.append(f"temperature {m['temperature']:.3f} (out-of-fold ECE {m['cv_ece_uncalibrated']:.3f} -> "
+                       f"{m['cv_ece_calibrated']:.3f})")
+    print(f"run {result.run_id}: {'; '.join(figures)}; {m['total_seconds']:.0f} s; checkpoint {result.checkpoint}")
     return 0
 
 

@@ -44,6 +44,19 @@ class ClassifyConfig:
     balance_lighting: bool = opt(False, "drop night shots (mean luma < 80) from the fitted part until every class has "
                                         "the same share of them, the smallest any class has, so lighting is no "
                                         "evidence of the label (the tail split's training cars have none)")
+    cv: str = opt(None, "blocked:K: K-fold cross-validation of the recipe on the training part, each fold "
+                        "holding out one contiguous block (by file name) of every class, as child runs; the run "
+                        "itself then fits on the whole training part")
+    validate_on: str = opt(None, "a {bus,car,truck}/ folder of images from other sources scored at the end (and by "
+                                 "every fold): accuracy, per class and per file-name prefix (web_, crop_); never fitted")
+    extra_data: str = opt(None, "a {bus,car,truck}/ folder of labelled images of your own camera, added to the fitted "
+                                "part (after any lighting balance); with --epochs 0 the head refits in seconds")
+    calibrate: bool = opt(True, "with --cv: fit a temperature on the out-of-fold predictions (minimum NLL); it divides "
+                                "the logits inside the model, so the exported probabilities carry it")
+    score_test: bool = opt(True, "score the test split at the end; --no-score-test keeps recipe-choosing runs blind "
+                                 "to it (`roadsight evaluate` scores the export once)")
+    feature_cache: str = opt("~/.cache/roadsight/features", "where frozen-backbone features are cached (by backbone "
+                                                            "weights and image bytes) for --epochs 0 recipes; '' off")
     seed: int = opt(0, "random seed (split, init, augmentation)")
     device: str = opt("auto", "auto (cuda when present), cpu or cuda")
     threads: int = opt(0, "CPU threads for torch (0: torch's default)")
@@ -55,7 +68,7 @@ class ClassifyConfig:
 
     def params(self) -> dict:
         """What MLflow records: every option but the bookkeeping ones."""
-        skip = {"resume", "checkpoint_dir", "experiment", "run_name", "log_model", "net_options"}
+        skip = {"resume", "checkpoint_dir", "experiment", "run_name", "log_model", "net_options", "feature_cache"}
         params = {k: v for k, v in asdict(self).items() if k not in skip}
         params.update({f"net.{k}": v for k, v in (self.net_options or {}).items()})
         return params

@@ -41,3 +41,22 @@ def accuracy_by_lighting(images: np.ndarray, labels: np.ndarray, predictions: np
         if mask.any():
             out[f"accuracy_{name}"] = float(correct[mask].mean())
     return out
+
+
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[dict[str, float]]:
+    """Top-label confidence in ``bins`` equal-width bins: per bin its count, mean confidence and accuracy."""
+    probabilities = np.asarray(probabilities)
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == np.asarray(labels)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return [{"lower": b / bins, "upper": (b + 1) / bins, "count": int((which == b).sum()),
+             "confidence": float(confidence[which == b].mean()) if (which == b).any() else float("nan"),
+             "accuracy": float(correct[which == b].mean()) if (which == b).any() else float("nan")}
+            for b in range(bins)]
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al., 2017): the count-weighted mean |accuracy - confidence| over confidence bins."""
+    table = [b for b in reliability_bins(probabilities, labels, bins) if b["count"]]
+    total = sum(b["count"] for b in table)
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in table) / max(total, 1))

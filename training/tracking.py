@@ -120,6 +120,22 @@ def overlay_figure(histories: Sequence[tuple[str, Sequence[dict[str, float]]]], 
     return fig
 
 
+def reliability_figure(panels: dict[str, Sequence[dict[str, float]]]):
+    """Reliability diagrams: accuracy against confidence per bin (``metrics.reliability_bins``), one
+    panel per named set of predictions; the diagonal is perfect calibration."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
+    for ax, (title, table) in zip(axes[0], panels.items()):
+        used = [b for b in table if b["count"]]
+        ax.bar([b["lower"] for b in used], [b["accuracy"] for b in used], width=[b["upper"] - b["lower"] for b in used],
+               align="edge", alpha=0.7, edgecolor="black", label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "r.", label="mean confidence")
+        ax.set(title=title, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)
 

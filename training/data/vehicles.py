@@ -156,6 +156,52 @@ def carve_validation(train: list[Sample], fraction: float, num_classes: int) -> 
     return fit, val
 
 
+def blocked_folds(samples: list[Sample], k: int, num_classes: int) -> list[list[int]]:
+    """Indices of ``samples`` held out by each of ``k`` folds: per class, the files in name order cut
+    into ``k`` contiguous blocks (sizes differing by at most one); fold i holds out block i of every class.
+
+    Contiguous blocks imitate the tail split's shift in time and camera (the files are ordered by
+    both), which random folds hide. Duplicates were settled by ``split_vehicles`` before (conflicting
+    labels excluded, repeats kept once), so no image sits on both sides of a fold.
+    """
+    if k < 2:
+        raise ValueError(f"blocked cross-validation needs at least 2 folds, got {k}")
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for label in range(num_classes):
+        members = sorted((i for i, s in enumerate(samples) if s.label == label), key=lambda i: natural_key(samples[i].path))
+        if members and len(members) < k:
+            raise ValueError(f"class {label} has {len(members)} training images, fewer than the {k} folds")
+        for fold, block in zip(folds, np.array_split(np.array(members, dtype=int), k)):
+            fold.extend(block.tolist())
+    return [sorted(fold) for fold in folds]
+
+
+def parse_cv(spec: str | None) -> int:
+    """The fold count of a ``--cv`` value: ``blocked:K``; 0 for none."""
+    if not spec or spec == "none":
+        return 0
+    kind, _, count = spec.partition(":")
+    if kind != "blocked" or not count.isdigit():
+        raise ValueError(f"--cv must be 'blocked:K' (K contiguous blocks per class, e.g. blocked:5) or 'none', got {spec!r}")
+    return int(count)
+
+
+def labelled_folder(root: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES) -> list[Sample]:
+    """Every image of ``<root>/{bus,car,truck}/`` with its label: a folder of other-source images
+    (``--validate-on``) or a user's own camera (``--extra-data``); classes may be empty."""
+    class_root = find_class_root(root, classes)
+    samples = [Sample(f, label) for label, name in enumerate(classes) for f in list_images(class_root / name)]
+    if not samples:
+        raise DataError(f"vehicle data folder {class_root} holds no images in {'/'.join(classes)}")
+    return samples
+
+
+def source_group(path: Path) -> str:
+    """The source an image comes from, by its file-name prefix (``web_...``, ``crop_...``); "" if none."""
+    prefix, sep, _ = path.name.partition("_")
+    return prefix.lower() if sep and prefix.isalpha() else ""
+
+
 def load_images(samples: list[Sample], image_size: tuple[int, int], resize: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
     """Decode and stretch every sample once: uint8 (N, 3, H, W) images and int64 labels."""
     height, width = image_size

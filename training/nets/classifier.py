@@ -62,15 +62,21 @@ class InputNormalization(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """``InputNormalization`` followed by a registered backbone."""
+    """``InputNormalization`` followed by a registered backbone; logits divided by a fitted
+    ``temperature`` (1 until calibrated), so the exported probabilities carry the calibration."""
 
     def __init__(self, backbone: nn.Module, normalization: str):
         super().__init__()
         self.normalize = InputNormalization(normalization)
         self.backbone = backbone
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(self.normalize(images))
+        return self.backbone(self.normalize(images)) / self.temperature
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))  # runs from before calibration existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def build_classifier(net: str, num_classes: int, image_size: tuple[int, int], normalization: str = "per-image",

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE
+from training.data.vehicles import load_images, split_vehicles
+from training.engine import fit_temperature, head_logits
+from training.features import cached_head_inputs, head_inputs
+from training.metrics import expected_calibration_error, reliability_bins
+from training.nets import build_classifier
+
+
+@pytest.fixture
+def sample_images():
+    split = split_vehicles(SAMPLE / "vehicles")
+    images, _ = load_images(split.train[:10], (32, 32))
+    return [s.path for s in split.train[:10]], torch.from_numpy(images)
+
+
+def _net(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_classifier("cnn", 3, (32, 32), "per-image", depth=2, width=8).eval()
+
+
+def test_head_inputs_are_the_final_layers_view_of_each_image_and_its_mirror(sample_images):
+    _, images = sample_images
+    model = _net()
+    features = head_inputs(model, images, torch.device("cpu"), batch_size=4)
+    assert features.shape[:2] == (2, 10)
+    torch.testing.assert_close(features[1], head_inputs(model, images.flip(-1), torch.device("cpu"))[0])
+    model.temperature.fill_(2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, features[0]), model(images))
+
+
+def test_the_feature_cache_is_keyed_by_the_backbone_not_the_head(sample_images, tmp_path):
+    paths, images = sample_images
+    model = _net()
+    first = cached_head_inputs(model, paths, images, torch.device("cpu"), str(tmp_path))
+    (store,) = tmp_path.glob("*.npz")
+    written = store.stat().st_mtime_ns
+    torch.nn.init.normal_(model.backbone.fc.weight)  # a refitted head: same features, nothing recomputed
+    again = cached_head_inputs(model, paths[::-1], images.flip(0), torch.device("cpu"), str(tmp_path))
+    torch.testing.assert_close(again, first.flip(1))
+    assert store.stat().st_mtime_ns == written
+    other = _net(seed=1)  # another backbone: another entry, its own features
+    cached_head_inputs(other, paths[:3], images[:3], torch.device("cpu"), str(tmp_path))
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    torch.testing.assert_close(first, head_inputs(model, images, torch.device("cpu")))
+
+
+def test_calibration_error_and_reliability_bins():
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = np.array([0, 1, 0, 0])
+    # bin of 0.9: accuracy 0.5 (gap 0.4); bin of 0.6: accuracy 1.0 (gap 0.4)
+    assert expected_calibration_error(probabilities, labels, bins=10) == pytest.approx(0.4)
+    table = reliability_bins(probabilities, labels, bins=10)
+    assert [b["count"] for b in table if b["count"]] == [2, 2]
+
+
+def test_the_fitted_temperature_undoes_overconfidence():
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 3, generator=generator) * 2
+    labels = torch.multinomial(torch.softmax(true_logits, 1), 1, generator=generator).squeeze(1)
+    temperature = fit_temperature(true_logits * 3, labels)  # three times too confident
+    assert temperature == pytest.approx(3.0, rel=0.1)
+    before = expected_calibration_error(torch.softmax(true_logits * 3, 1).numpy(), labels.numpy())
+    after = expected_calibration_error(torch.softmax(true_logits * 3 / temperature, 1).numpy(), labels.numpy())
+    assert after < before / 2

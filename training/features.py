@@ -1,0 +1,82 @@
+"""What the final linear layer of a classifier sees, per image and its mirror image, cached on disk.
+
+A frozen backbone (``--epochs 0``) gives every image the same features in every run, fold and
+refit, and the feature pass is most of a probe's cost on a CPU; the head itself fits in seconds.
+So features are stored under a key made of the backbone's weights (every tensor but the final
+layer's), the input normalisation and the image size, one entry per image's bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import interrupts
+
+log = logging.getLogger(__name__)
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The final linear layer: what a linear probe fits."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+@torch.no_grad()
+def head_inputs(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Inputs of the final linear layer for ``images`` and their mirror images: (2, N, D), eval mode."""
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = final_linear(model).register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
+    try:
+        for view in (images, images.flip(-1)):
+            for start in range(0, len(view), batch_size):
+                interrupts.raise_if_pending()
+                model(view[start : start + batch_size].to(device))
+    finally:
+        hook.remove()
+    return torch.cat(captured).view(2, len(images), -1)
+
+
+def backbone_key(model: nn.Module, image_size: int) -> str:
+    """sha256 of everything that shapes the features: all weights and buffers but the final layer's,
+    the module structure (normalisation mode included) and the input size."""
+    head = {id(t) for t in final_linear(model).parameters()}
+    digest = hashlib.sha256(f"{model!r}|{image_size}".encode())
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in head:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cached_head_inputs(model: nn.Module, paths: list[Path], images: torch.Tensor, device: torch.device,
+                       folder: str | None) -> torch.Tensor:
+    """``head_inputs`` of the images decoded from ``paths``, computed only for images not in the cache
+    at ``folder`` (None or '': no cache)."""
+    if not folder:
+        return head_inputs(model, images, device)
+    store = Path(folder).expanduser() / f"{backbone_key(model, images.shape[-1])}.npz"
+    cached: dict[str, np.ndarray] = {}
+    if store.is_file():
+        with np.load(store) as saved:
+            cached = dict(zip(saved["digests"].tolist(), saved["features"]))
+    digests = [file_digest(p) for p in paths]
+    missing = list({d: i for i, d in enumerate(digests) if d not in cached}.values())  # each distinct image once
+    if missing:
+        log.info("feature cache %s: computing %d of %d images", store.name, len(missing), len(paths))
+        fresh = head_inputs(model, images[missing], device).numpy()
+        cached.update({digests[i]: fresh[:, j] for j, i in enumerate(missing)})
+        store.parent.mkdir(parents=True, exist_ok=True)
+        partial = store.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(partial, digests=np.array(list(cached)), features=np.stack(list(cached.values())))
+        partial.replace(store)
+    return torch.from_numpy(np.stack([cached[d] for d in digests], axis=1))
