@@ -20,13 +20,16 @@ is imported (see README "Serving").
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import json
 import logging
 import os
 import time
 import typing as t
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 
 import anyio
 import bentoml
@@ -38,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import bentoml_timeout, processing
+from serving import bentoml_timeout, openapi, processing
 from serving.batching import Batcher, Overloaded
 from serving.images import ENCODINGS, encode
 
@@ -91,36 +94,63 @@ async def _info_endpoint(request: Request) -> Response:
     return JSONResponse(service.info())
 
 
+@dataclass(frozen=True)
+class _Form:
+    """What an API's multipart form takes, from its own input model."""
+    spec: type  # the API's pydantic input model (BentoML's input_spec)
+    files: frozenset[str]  # fields that take files
+    lists: frozenset[str]  # fields that take several values
+
+    @classmethod
+    def of(cls, method) -> _Form:
+        fields = method.input_spec.model_fields
+        return cls(method.input_spec, frozenset(method.input_spec.multipart_fields),
+                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list))
+
+    def example(self) -> str:
+        return "curl " + " ".join(f"-F {name}=@photo.jpg" for name in sorted(self.files)) + " ..."
+
+
+@functools.cache
+def _openapi() -> tuple[dict, dict[str, str]]:
+    """The service's OpenAPI document (serving/openapi.py) and the methods each of its paths takes."""
+    spec = openapi.document(Roadsight.openapi_spec.asdict(), Roadsight.inner.__doc__ + openapi.CONVENTIONS)
+    return spec, openapi.allowed_methods(spec)
+
+
 class _RequestGuard:
-    """ASGI middleware that answers, with a JSON error, what BentoML's own request parsing would turn
-    into a 500 or silently guess at: bodies over ``max_bytes`` (413), uploads still incomplete after
-    ``upload_timeout_s`` (408, before BentoML's whole-request timeout answers 504), malformed
-    multipart bodies, unknown form fields, a single-value field sent twice, a file sent in a plain
-    field or text in a file field (400), and non-POST calls of an API (405). Text in a file field is
-    refused rather than fetched as a URL, so the service never makes outbound requests on a
-    client's behalf."""
+    """ASGI middleware in front of BentoML's request handling. It serves the OpenAPI document that
+    says what the service really answers (``/docs.json``, serving/openapi.py) and answers, with a
+    JSON error, what BentoML's own request parsing would turn into a 500, a pydantic error list or a
+    silent guess: methods a documented path does not take (405 with ``Allow``), bodies over
+    ``max_bytes`` (413), uploads still incomplete after ``upload_timeout_s`` (408, before BentoML's
+    whole-request timeout answers 504), bodies that are not multipart/form-data (415, or 400 when
+    there is no body or JSON), malformed multipart bodies, unknown or missing form fields, a
+    single-value field sent twice, a file sent in a plain field or text in a file field, and values
+    the API's input model refuses (400). Text in a file field is refused rather than fetched as a
+    URL, so the service never makes outbound requests on a client's behalf."""
 
     def __init__(self, app, max_bytes: int, upload_timeout_s: float):
         self.app, self.max_bytes, self.upload_timeout_s = app, max_bytes, upload_timeout_s
 
     @staticmethod
     @functools.cache
-    def _fields() -> dict[str, tuple[set[str], set[str], set[str]]]:
-        """Route -> (accepted field names, file fields, fields that take a list), from the APIs' own
-        input specs."""
-        return {method.route: (set(method.input_spec.model_fields), set(method.input_spec.multipart_fields),
-                               {name for name, field in method.input_spec.model_fields.items()
-                                if t.get_origin(field.annotation) is list})
-                for method in Roadsight.apis.values()}
+    def _forms() -> dict[str, _Form]:
+        return {method.route: _Form.of(method) for method in Roadsight.apis.values()}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        fields = self._fields().get(scope["path"])
-        if fields is None:
+        path, method = scope["path"], scope["method"]
+        document, allowed = _openapi()
+        if path == "/docs.json" and method in ("GET", "HEAD"):
+            return await JSONResponse(document)(scope, receive, send)
+        if path in allowed and method not in allowed[path].split(", "):
+            return await _error(405, f"{path} takes {allowed[path]}, not {method}",
+                                headers={"Allow": allowed[path]})(scope, receive, send)
+        form = self._forms().get(path)
+        if form is None:
             return await self.app(scope, receive, send)
-        if scope["method"] != "POST":
-            return await _error(405, f"{scope['path']} takes POST requests")(scope, receive, send)
         from starlette.datastructures import Headers
 
         headers = Headers(scope=scope)
@@ -128,19 +158,17 @@ class _RequestGuard:
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(int(length))(scope, receive, send)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        accepted, files, lists = fields
         if media_type != "multipart/form-data":
-            if files and media_type not in ("", "application/json"):
-                example = " ".join(f"-F {name}=@photo.jpg" for name in sorted(files))
-                return await _error(415, f"{scope['path']} takes multipart/form-data uploads, not {media_type} "
-                                         f"(e.g. curl {example} ...)")(scope, receive, send)
-            return await self.app(scope, receive, send)
+            status = 400 if media_type in ("", "application/json") else 415
+            return await _error(status, f"{path} takes multipart/form-data uploads, not "
+                                        f"{media_type or 'a body without a content type'} (e.g. {form.example()})"
+                                )(scope, receive, send)
         body = await self._receive_body(receive)
         if body is None:  # the client went away
             return
         if isinstance(body, Response):
             return await body(scope, receive, send)
-        problem = await self._check_form(headers, body, accepted, files, lists)
+        problem = await self._check_form(headers, body, form)
         if problem:
             return await _error(400, problem)(scope, receive, send)
         replayed = False
@@ -153,7 +181,6 @@ class _RequestGuard:
             return await receive()
 
         await self.app(scope, replay, send)
-
     async def _receive_body(self, receive) -> bytes | JSONResponse | None:
         """The whole body, or the error for one over the size limit or too slow to arrive (a stalled
         upload would otherwise hold its connection until the whole-request timeout); None when the
@@ -177,7 +204,12 @@ class _RequestGuard:
         return _error(413, f"request body of {size / 2**20:.1f} MiB is over the {self.max_bytes / 2**20:.0f} MiB limit")
 
     @staticmethod
-    async def _check_form(headers, body: bytes, accepted: set[str], files: set[str], lists: set[str]) -> str | None:
+    async def _check_form(headers, body: bytes, form: _Form) -> str | None:
+        """What is wrong with the multipart ``body`` for this API, or None. Values are read as BentoML
+        reads them (JSON where they parse) and validated by the API's own input model, strictly (as
+        documented: ``downscale`` is true or false, not 0 or "yes"), with a path standing in for
+        each file (no file is written), so BentoML's pydantic errors never reach a client."""
+        from pydantic import ValidationError
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -185,24 +217,41 @@ class _RequestGuard:
             yield body
 
         try:
-            form = await MultiPartParser(headers, stream(), max_part_size=processing.MAX_UPLOAD_BYTES).parse()
+            parsed = await MultiPartParser(headers, stream(), max_part_size=processing.MAX_UPLOAD_BYTES).parse()
         except MultiPartException as exc:
             return f"malformed multipart/form-data body: {exc.message}"
         except Exception as exc:  # the multipart library raises several types on broken bodies
             return f"malformed multipart/form-data body: {exc or type(exc).__name__}"
+        accepted = form.spec.model_fields
+        values: dict[str, t.Any] = {}
         try:
-            sent = collections.Counter(name for name, _ in form.multi_items())
-            for name, value in form.multi_items():
+            sent = collections.Counter(name for name, _ in parsed.multi_items())
+            for name, value in parsed.multi_items():
                 if name not in accepted:
-                    return f"unexpected form field {name!r}; this endpoint takes {', '.join(sorted(accepted))}"
-                if name in files and not isinstance(value, UploadFile):
+                    return f"unexpected form field {name!r}; this endpoint takes {', '.join(accepted)}"
+                if name in form.files and not isinstance(value, UploadFile):
                     return f"field {name!r} must be a file upload, not a text value"
-                if name not in files and isinstance(value, UploadFile):
+                if name not in form.files and isinstance(value, UploadFile):
                     return f"field {name!r} takes a plain value, not a file"
-                if sent[name] > 1 and name not in lists:
+                if sent[name] > 1 and name not in form.lists:
                     return f"field {name!r} was sent {sent[name]} times; it takes one value"
+                if name in form.files:
+                    value = PurePath(value.filename or "upload")
+                    values[name] = [*values.get(name, []), value] if name in form.lists else value
+                else:
+                    with contextlib.suppress(ValueError):  # BentoML reads plain values as JSON when they are
+                        value = json.loads(value)
+                    values[name] = value
         finally:
-            await form.close()
+            await parsed.close()
+        try:
+            form.spec.model_validate(values, strict=True)  # a boolean is true or false, as documented
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = ".".join(str(part) for part in error["loc"])
+            if error["type"] == "missing":
+                return f"field {name!r} is missing (e.g. {form.example()})"
+            return f"field {name!r}: {error['msg']}"
         return None
 
 
@@ -314,12 +363,9 @@ class Roadsight:
         return results if isinstance(results, JSONResponse) else results[0]
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Path]) -> list[Classification]:
-        """Classify several images sent in one request (repeat the multipart field ``images``)."""
-        if not images:
-            return _error(400, "field 'images': no files were sent")
-        if len(images) > MAX_BATCH_IMAGES:
-            return _error(413, f"field 'images': {len(images)} files, at most {MAX_BATCH_IMAGES} per request")
+    async def classify_batch(self, images: t.Annotated[list[Path], Field(min_length=1, max_length=MAX_BATCH_IMAGES)]
+                             ) -> list[Classification]:
+        """Classify several images sent in one request (repeat the multipart field ``images``, at most 64)."""
         arrays = []
         for index, path in enumerate(images):
             try:

@@ -63,6 +63,21 @@ def test_classify_matches_onnxruntime_on_the_contract(server, direct):
         assert result["label"] == labels[int(row.argmax())] and result["confidence"] == pytest.approx(row.max(), abs=1e-5)
 
 
+def test_the_python_client_in_the_readme(server, direct):
+    """bentoml.SyncHTTPClient, as README "Serving" shows it: classify gives the JSON, dehaze a PIL image."""
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server.url) as client:
+        result = client.classify(image=VEHICLES[0])
+        batch = client.classify_batch(images=VEHICLES[:2])
+        clear = client.dehaze(image=HAZY[0], format="jpeg", quality=85)
+    labels = direct["classify"][0]["labels"]
+    expected = expected_probabilities(direct, [open_rgb(p) for p in VEHICLES[:2]])
+    np.testing.assert_allclose([result["probabilities"][name] for name in labels], expected[0], atol=1e-5, rtol=0)
+    assert [item["label"] for item in batch] == [labels[int(row.argmax())] for row in expected]
+    assert clear.format == "JPEG" and clear.size == Image.open(HAZY[0]).size
+
+
 def test_classify_batch_answers_in_order(server, direct):
     paths = VEHICLES[:7]
     response = server.post("/classify_batch", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
@@ -237,7 +252,7 @@ BAD_REQUESTS = {
     "dehaze-truncated": ("/dehaze", {"files": {"image": ("cut.jpg", TRUNCATED, "image/jpeg")}}, 400),
     "batch-one-bad": ("/classify_batch", {"files": [("images", ("a.jpg", VEHICLES[0].read_bytes(), "image/jpeg")),
                                                     ("images", ("b.jpg", b"nope", "image/jpeg"))]}, 400),
-    "batch-too-many": ("/classify_batch", {"files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 65}, 413),
+    "batch-too-many": ("/classify_batch", {"files": [("images", ("a.jpg", b"x", "image/jpeg"))] * 65}, 400),
 }
 
 
@@ -255,6 +270,7 @@ def test_bad_error_messages_say_what_was_wrong(server):
     assert "truncated" in server.post("/classify", **BAD_REQUESTS["truncated-jpeg"][1]).json()["error"]
     assert "'picture'" in server.post("/classify", **BAD_REQUESTS["wrong-field"][1]).json()["error"]
     assert server.post("/classify_batch", **BAD_REQUESTS["batch-one-bad"][1]).json()["index"] == 1
+    assert "at most 64 items" in server.post("/classify_batch", **BAD_REQUESTS["batch-too-many"][1]).json()["error"]
     assert httpx.get(server.url + "/classify").status_code == 405
 
 
