@@ -1,76 +1,180 @@
 import json
+import math
 
 import mlflow
 import pytest
 from PIL import Image
 
 from conftest import SAMPLE
-from training.experiments import STUDIES, STUDY_EXPERIMENT, run_study
+from training.experiments import HYPERPARAMS_BASE, STUDIES, STUDY_EXPERIMENT, run_study
 from training.report import build_report
+from training.stats import paired_difference, t_interval, verdict
 
 
 def sample_data(name: str) -> str:
     return str(SAMPLE / ("dehaze" if STUDIES[name].task == "dehaze" else "vehicles"))
 
 
+def children(parent: str):
+    return mlflow.search_runs(experiment_names=[STUDY_EXPERIMENT], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def rows_of(parent: str) -> list[dict]:
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{parent}/study/rows.json"))["rows"]
+
+
+# --- statistics on known inputs ---------------------------------------------------------------
+
+def test_t_interval_of_known_values():
+    # mean 3, sd sqrt(2.5); t(0.975, 4) = 2.776445 -> half-width 2.776445 * 1.581139 / sqrt(5) = 1.963243
+    ci = t_interval([1, 2, 3, 4, 5])
+    assert (ci.n, ci.mean) == (5, 3.0)
+    assert ci.sd == pytest.approx(1.581139, abs=1e-6)
+    assert (ci.low, ci.high) == (pytest.approx(1.036757, abs=1e-6), pytest.approx(4.963243, abs=1e-6))
+    assert ci.text() == "3.000 ± 1.581 [1.037, 4.963]"
+    # t(0.975, 1) = 12.706205: two values give a wide interval
+    two = t_interval([0.5, 0.7])
+    assert (two.low, two.high) == (pytest.approx(0.6 - 1.270620, abs=1e-6), pytest.approx(0.6 + 1.270620, abs=1e-6))
+
+
+def test_t_interval_of_one_value_has_no_spread_and_nan_is_dropped():
+    one = t_interval([0.4, float("nan")])
+    assert one.n == 1 and one.mean == 0.4 and math.isnan(one.low) and not one.excludes_zero()
+    assert one.text() == "0.400 (n = 1)"
+    with pytest.raises(ValueError, match="no values"):
+        t_interval([])
+
+
+def test_paired_difference_pairs_by_seed_not_by_position():
+    a = {3: 0.78, 1: 0.80, 2: 0.82, 9: 0.99}  # seed 9 has no partner: left out
+    b = {1: 0.70, 2: 0.75, 3: 0.71}
+    d = paired_difference(a, b)  # differences 0.10, 0.07, 0.07
+    assert d.n == 3 and d.mean == pytest.approx(0.08)
+    # sd 0.0173205, t(0.975, 2) = 4.302653 -> half-width 0.0430265
+    assert (d.low, d.high) == (pytest.approx(0.0369735, abs=1e-6), pytest.approx(0.1230265, abs=1e-6))
+    assert verdict("A", "B", d, "accuracy") == "A beats B on accuracy: +0.080 (95% CI +0.037 to +0.123, n = 3 pairs)."
+    assert verdict("B", "A", paired_difference(b, a), "accuracy").startswith("B trails A on accuracy: -0.080")
+    with pytest.raises(ValueError, match="share no seed"):
+        paired_difference({1: 0.5}, {2: 0.5})
+
+
+def test_a_difference_within_the_noise_is_not_a_claim():
+    d = paired_difference({1: 0.85, 2: 0.77, 3: 0.81}, {1: 0.80, 2: 0.80, 3: 0.80})  # +0.05, -0.03, +0.01
+    assert d.low < 0 < d.high and not d.excludes_zero()
+    assert verdict("A", "B", d, "accuracy") == ("No measurable difference between A and B on accuracy at n = 3: "
+                                                f"+0.010 (95% CI {d.low:+.3f} to {d.high:+.3f}, n = 3 pairs).")
+    same = paired_difference({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6})
+    assert verdict("A", "B", same, "accuracy") == "A and B give identical accuracy (+0.000 in every one of n = 2 pairs)."
+
+
+def test_conclusions_come_from_the_numbers():
+    """alexnet is ahead of cnn by the same margin on every seed; mlp's lead flips sign between seeds."""
+    cnn = {1: 0.70, 2: 0.74, 3: 0.72}
+    rows = []
+    for seed, base in cnn.items():
+        for split in ("random", "tail"):
+            rows += [{"setting": "cnn", "seed": seed, "split": split, "test_accuracy": base},
+                     {"setting": "alexnet", "seed": seed, "split": split, "test_accuracy": base + 0.05 + 0.001 * seed},
+                     {"setting": "mlp", "seed": seed, "split": split, "test_accuracy": base + (0.06, -0.05, 0.02)[seed - 1]}]
+    text = STUDIES["alexnet-mlp"].conclude(rows)
+    assert "alexnet beats cnn on in-distribution accuracy: +0.052" in text
+    assert "alexnet beats cnn on tail-split accuracy" in text
+    assert "No measurable difference between mlp and cnn on in-distribution accuracy at n = 3: +0.010" in text
+
+
+# --- studies on the in-repo sample ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_studies(tmp_path_factory) -> dict[str, str]:
+    """One real MLflow store holding a quick run of every study (one seed): study -> parent run id."""
+    root = tmp_path_factory.mktemp("studies")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)  # artifacts land in root/mlruns
+        mlflow.set_tracking_uri(uri)
+        yield {name: run_study(name, sample_data(name), quick=True) for name in STUDIES}
+        mlflow.set_tracking_uri(None)
+
+
 @pytest.mark.parametrize("name", sorted(STUDIES))
-def test_quick_study_leaves_a_parent_with_one_child_per_setting(name, mlflow_store):
-    parent = run_study(name, sample_data(name), quick=True)
-    children = mlflow.search_runs(experiment_names=[STUDY_EXPERIMENT],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    # the dehaze study scores identity and DCP in one baselines run beside the dehazer's
-    assert len(children) == (2 if name == "dehaze" else len(STUDIES[name].settings))
-    assert set(children["status"]) == {"FINISHED"}
-    rows = json.loads(mlflow.artifacts.load_text(f"runs:/{parent}/study/rows.json"))["rows"]
-    assert [r["setting"] for r in rows] == [label for label, _ in STUDIES[name].settings]
-    assert {r["run_id"] for r in rows} == set(children["run_id"])
+def test_quick_study_leaves_a_child_per_setting_seed_and_split(name, quick_studies):
+    study, parent = STUDIES[name], quick_studies[name]
+    rows = rows_of(parent)
+    assert [r["setting"] for r in rows if r["split"] == "tail"] == [label for label, _ in study.settings]
+    assert len(rows) == len(study.settings) * len(study.splits)
+    # what the study trained itself are its children, each tagged with its setting, seed and split
+    # so that `mlflow ui` groups them; the rest are finished runs of the same options, reused
+    runs = children(parent)
+    trained = [r for r in rows if not r["reused"]]
+    assert set(runs["status"]) <= {"FINISHED"} and {r["run_id"] for r in trained} == set(runs["run_id"])
+    tags = {(r["tags.lab.setting"], r["tags.lab.seed"], r["tags.lab.split"]) for _, r in runs.iterrows()}
+    if study.task == "classify":
+        assert tags == {(r["setting"], str(r["seed"]), r["split"]) for r in trained}
+        assert all(r["cpu_seconds"] > 0 for r in trained)
     assert mlflow.artifacts.load_text(f"runs:/{parent}/study/conclusion.md").strip()
 
 
-def test_dehaze_study_ranks_the_methods_on_psnr_and_ssim(mlflow_store):
-    parent = run_study("dehaze", sample_data("dehaze"), quick=True)
-    rows = {r["setting"]: r for r in json.loads(mlflow.artifacts.load_text(f"runs:/{parent}/study/rows.json"))["rows"]}
+def test_a_setting_shared_by_studies_trains_once(quick_studies):
+    first = {(r["seed"], r["split"]): r["run_id"] for r in rows_of(quick_studies["handwritten-conv"])
+             if r["setting"] == "cnn (nn.Conv2d)"}
+    for name, label in (("cnn-baseline", "cnn"), ("hyperparams", HYPERPARAMS_BASE), ("alexnet-mlp", "cnn")):
+        rows = [r for r in rows_of(quick_studies[name]) if r["setting"] == label]
+        assert all(r["reused"] for r in rows) and {(r["seed"], r["split"]): r["run_id"] for r in rows} == first
+
+
+def test_dehaze_study_pairs_the_methods_per_test_image(quick_studies):
+    parent = quick_studies["dehaze"]
+    rows = {r["setting"]: r for r in rows_of(parent)}
     assert rows["dark-channel prior"]["test_psnr"] > rows["identity (hazy input)"]["test_psnr"]
+    pairs = set(rows["encoder-decoder"]["per_image_psnr"])
+    assert pairs and all(set(r["per_image_psnr"]) == pairs for r in rows.values())
     conclusion = mlflow.artifacts.load_text(f"runs:/{parent}/study/conclusion.md")
-    assert "encoder-decoder" in conclusion and "SSIM over the dark-channel prior" in conclusion
+    assert "encoder-decoder and dark-channel prior on PSNR per test image" in conclusion \
+        or "encoder-decoder beats dark-channel prior" in conclusion or "encoder-decoder trails dark" in conclusion
+    assert f"of {len(pairs)} images" in conclusion
 
 
-def test_robustness_conclusion_ranks_the_tail_split_and_sets_the_random_split_apart():
-    def row(setting, accuracy, dark):
-        return {"setting": setting, "test_accuracy": accuracy, "test_macro_f1": accuracy - 0.05,
-                "test_accuracy_dark": dark, "test_accuracy_bright": accuracy, "total_seconds": 10.0}
-
-    labels = [label for label, _ in STUDIES["robustness"].settings]
-    shipped, unbalanced, naive, random_split = labels
-    text = STUDIES["robustness"].conclude([row(shipped, 0.72, 0.74), row(unbalanced, 0.67, 0.66),
-                                           row(naive, 0.60, 0.40), row(random_split, 0.95, 0.98)])
-    assert f"Most robust at night: **{shipped}** (test_accuracy_dark 0.740" in text  # not the random split's 0.98
-    assert f"worst: **{naive}**" in text
-    assert "scores 0.950 accuracy / 0.900 macro-F1 (night 0.980) against 0.720 / 0.670 on the tail split" in text
-
-
-def test_handwritten_study_measures_agreement_and_time(mlflow_store):
-    parent = mlflow.get_run(run_study("handwritten-conv", str(SAMPLE / "vehicles"), quick=True))
-    m = parent.data.metrics
+def test_handwritten_study_measures_agreement_and_time(quick_studies):
+    m = mlflow.get_run(quick_studies["handwritten-conv"]).data.metrics
     assert m["forward_max_abs_diff"] < 1e-4 and m["weight_grad_max_rel_diff"] < 1e-5
     assert m["loop_vs_torch_max_abs_diff"] < 1e-4
     assert m["seconds_per_batch_loop_12px_1img"] > 0 and m["seconds_per_batch_hand"] > 0
 
 
-def test_report_from_a_store_with_studies(tmp_path, mlflow_store):
-    run_study("dilated", str(SAMPLE / "vehicles"), quick=True)
-    run_study("resnet-vs-plain", str(SAMPLE / "vehicles"), quick=True)
-    run_study("dehaze", sample_data("dehaze"), quick=True)
+def test_report_from_a_store_with_studies(tmp_path, quick_studies):
     index = build_report(tmp_path / "report")
     text = index.read_text()
     assert "rates 1,2,5 (HDC)" in text and "receptive field 17 px" in text
-    assert "resnet18" in text and "Not run yet." in text  # studies without runs say so
-    assert (tmp_path / "report" / "dilated.png").stat().st_size > 1000
+    assert "in-distribution accuracy" in text and "tail-split night accuracy" in text
+    assert all((tmp_path / "report" / f"{name}.png").stat().st_size > 1000 for name in STUDIES)
     # the dehaze section shows hazy | output | clear grids of the dehazer and DCP runs
-    assert 'src="dehaze-1.jpg"' in text and 'src="dehaze-2.jpg"' in text and "test_psnr" in text
+    assert 'src="dehaze-1.jpg"' in text and 'src="dehaze-2.jpg"' in text and "sd per image" in text
     assert Image.open(tmp_path / "report" / "dehaze-1.jpg").width <= 720
     readme = (tmp_path / "report" / "README.md").read_text()
-    assert "| setting |" in readme and "**Conclusion.**" in readme
+    assert "| setting |" in readme and "**Conclusions.**" in readme
+    assert "cores), code at commit" in readme and "summed run time" in readme
+    for page in (text, readme):  # nothing of this machine's file system
+        assert "/tmp" not in page and str(SAMPLE) not in page and "sqlite" not in page
+
+
+def test_a_rerun_reuses_finished_runs_and_trains_only_what_did_not_finish(mlflow_store):
+    first = run_study("cnn-baseline", sample_data("cnn-baseline"), quick=True, seeds=2)
+    trained = rows_of(first)
+    assert len(trained) == 4 and not any(r["reused"] for r in trained)  # 2 seeds x 2 splits
+
+    again = rows_of(run_study("cnn-baseline", sample_data("cnn-baseline"), quick=True, seeds=2))
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in trained] and all(r["reused"] for r in again)
+
+    interrupted = trained[2]["run_id"]  # as if the study had been stopped during this run
+    mlflow.MlflowClient().set_terminated(interrupted, "KILLED")
+    resumed = run_study("cnn-baseline", sample_data("cnn-baseline"), quick=True, seeds=2)
+    rows = rows_of(resumed)
+    assert [r["reused"] for r in rows] == [True, True, False, True]
+    assert rows[2]["run_id"] != interrupted and len(children(resumed)) == 1  # only that one trained again
+    # other options are another run, never a reuse
+    assert not any(r["reused"] for r in rows_of(run_study("cnn-baseline", sample_data("cnn-baseline"), quick=True,
+                                                          epochs=2, seeds=1)))
 
 
 def test_report_without_studies_says_what_to_run(tmp_path, mlflow_store):

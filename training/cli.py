@@ -116,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import run_study
 
-    run_id = run_study(args.name, args.data, quick=args.quick, epochs=args.epochs)
+    run_id = run_study(args.name, args.data, quick=args.quick, epochs=args.epochs, seeds=args.seeds, threads=args.threads)
     print(f"study {args.name}: MLflow parent run {run_id} (experiment lab-studies)")
     return 0
 
@@ -173,12 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments import STUDIES
 
-    experiment = commands.add_parser("experiment", help="run one lab study as nested MLflow runs")
+    experiment = commands.add_parser("experiment", help="run one lab study as nested MLflow runs (seeds x settings x "
+                                                        "splits; finished runs with the same options are reused)")
     experiment.add_argument("name", choices=list(STUDIES))
     experiment.add_argument("--quick", action="store_true", help="tiny images, one epoch: a smoke run of minutes")
     experiment.add_argument("--data", help="dataset folder (default: the course's vehicles, or dehaze pairs for "
                                            "the dehaze study, in ../shared/data)")
     experiment.add_argument("--epochs", type=int, help="override the study's epochs")
+    experiment.add_argument("--seeds", type=int, help="seeds 1..N per setting and split (default: the study's, 3 or 5)")
+    experiment.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     experiment.set_defaults(handler=cmd_experiment)
 
     report = commands.add_parser("report", help="build the lab report (HTML + Markdown) from the MLflow store")

@@ -103,19 +103,20 @@ def image_grid_figure(images: Sequence[np.ndarray], titles: Sequence[str], colum
     return fig
 
 
-def overlay_figure(histories: Sequence[tuple[str, Sequence[dict[str, float]]]], keys: Sequence[str]):
-    """One panel per metric key, one line per labelled run history: runs compared side by side."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for label, history in histories:
-            points = [(h["epoch"], h[key]) for h in history if key in h]
-            if points:
-                ax.plot(*zip(*points), marker=".", label=label)
-        ax.set_title(key)
+def band_figure(panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[int], Sequence[float], Sequence[float]]]]]):
+    """One panel per (title, lines); each line (label, epochs, mean, sd) drawn as the mean with a
+    band of ± sd: repeated runs compared with their spread in view."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, epochs, mean, sd in lines:
+            mean, sd = np.asarray(mean), np.asarray(sd)
+            (line,) = ax.plot(epochs, mean, marker=".", label=label)
+            ax.fill_between(epochs, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,73 @@
+"""Statistics over repeated runs: mean, spread and a t-interval, and the paired difference that
+decides whether one setting beats another (paired by seed: same split, data order and init).
+
+A comparison is a claim only when the paired difference's interval excludes zero; otherwise the
+wording is "no measurable difference at n = ..." with the interval, so conclusions never outrun
+the noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean, sample standard deviation and the two-sided t confidence interval of the mean."""
+
+    n: int
+    mean: float
+    sd: float
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 3) -> str:
+        """``0.812 ± 0.021 [0.786, 0.838]``; one value alone has no spread."""
+        if self.n < 2:
+            return f"{self.mean:.{digits}f} (n = 1)"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Student-t interval of the mean of ``values`` (independent repeats). NaN values are dropped;
+    fewer than two values give no interval (NaN bounds)."""
+    data = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(data)
+    if n == 0:
+        raise ValueError("no values to summarise")
+    mean = sum(data) / n
+    if n == 1:
+        return Interval(1, mean, math.nan, math.nan, math.nan)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in data) / (n - 1))
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    return Interval(n, mean, sd, mean - half, mean + half)
+
+
+def paired_difference(a: dict[object, float], b: dict[object, float], confidence: float = CONFIDENCE) -> Interval:
+    """Interval of the mean of a[k] - b[k] over the keys (seeds) both have."""
+    keys = sorted(set(a) & set(b), key=str)
+    if not keys:
+        raise ValueError("the two settings share no seed to pair on")
+    return t_interval([a[k] - b[k] for k in keys], confidence)
+
+
+def verdict(name_a: str, name_b: str, difference: Interval, what: str, digits: int = 3) -> str:
+    """One sentence: "A beats B" / "A trails B" only when the interval excludes zero."""
+    d = difference
+    numbers = (f"{d.mean:+.{digits}f}" if d.n < 2 else
+               f"{d.mean:+.{digits}f} (95% CI {d.low:+.{digits}f} to {d.high:+.{digits}f}, n = {d.n} pairs)")
+    if d.n > 1 and d.sd == 0:
+        numbers = f"{d.mean:+.{digits}f} in every one of n = {d.n} pairs"
+        if d.mean == 0:
+            return f"{name_a} and {name_b} give identical {what} ({numbers})."
+    if d.excludes_zero():
+        return f"{name_a} {'beats' if d.mean > 0 else 'trails'} {name_b} on {what}: {numbers}."
+    return f"No measurable difference between {name_a} and {name_b} on {what} at n = {d.n}: {numbers}."
