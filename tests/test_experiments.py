@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import SAMPLE
 from training.experiments import HYPERPARAMS_BASE, STUDIES, STUDY_EXPERIMENT, run_study
-from training.report import build_report
+from training.report import build_report, survivors
 from training.stats import paired_difference, t_interval, verdict
 
 
@@ -82,6 +82,17 @@ def test_conclusions_come_from_the_numbers():
     assert "No measurable difference between mlp and cnn on in-distribution accuracy at n = 3: +0.010" in text
 
 
+def test_the_report_summary_separates_claims_from_the_noise():
+    conclusion = "\n".join([
+        "- summary line: in-distribution accuracy 0.800 ± 0.010 [0.788, 0.812].",
+        "- " + verdict("A", "B", paired_difference({1: 0.9, 2: 0.8, 3: 0.85}, {1: 0.7, 2: 0.61, 3: 0.66}), "accuracy"),
+        "- " + verdict("A", "C (x)", paired_difference({1: 0.9, 2: 0.8, 3: 0.85}, {1: 0.95, 2: 0.7, 3: 0.88}), "accuracy"),
+        "- " + verdict("hand", "cnn (nn.Conv2d)", paired_difference({1: 0.5, 2: 0.6}, {1: 0.5, 2: 0.6}), "loss")])
+    claims, within = survivors(conclusion)
+    assert claims == ["A beats B on accuracy: +0.193 (95% CI +0.179 to +0.208, n = 3 pairs)."]
+    assert within == ["A and C (x) on accuracy", "hand and cnn (nn.Conv2d) give identical loss"]
+
+
 # --- studies on the in-repo sample ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -152,7 +163,7 @@ def test_report_from_a_store_with_studies(tmp_path, quick_studies):
     assert 'src="dehaze-1.jpg"' in text and 'src="dehaze-2.jpg"' in text and "sd per image" in text
     assert Image.open(tmp_path / "report" / "dehaze-1.jpg").width <= 720
     readme = (tmp_path / "report" / "README.md").read_text()
-    assert "| setting |" in readme and "**Conclusions.**" in readme
+    assert "| setting |" in readme and "**Conclusions.**" in readme and "## What survived the statistics" in readme
     assert "cores), code at commit" in readme and "summed run time" in readme
     for page in (text, readme):  # nothing of this machine's file system
         assert "/tmp" not in page and str(SAMPLE) not in page and "sqlite" not in page

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import tracking
 from .experiments import MEASURES, SPLITS, STUDIES, STUDY_EXPERIMENT, Study, by_seed
-from .stats import t_interval
+from .stats import IDENTICAL, NO_DIFFERENCE, is_claim, t_interval
 
 # (split, metric) columns of a classifier study's table
 CLASSIFY_COLUMNS = (("random", "test_accuracy"), ("random", "test_macro_f1"), ("tail", "test_accuracy"),
@@ -139,6 +139,14 @@ def run_time(client: mlflow.MlflowClient, run_ids: set[str]) -> str:
             f"to the last end: {span:.2f} h")
 
 
+def survivors(conclusion: str) -> tuple[list[str], list[str]]:
+    """The verdicts of a conclusion that beat the noise (in full) and those that did not (named)."""
+    verdicts = [line.removeprefix("- ") for line in conclusion.splitlines()]
+    within = [v.split(" at n = ")[0].removeprefix(NO_DIFFERENCE + " between ") for v in verdicts
+              if v.startswith(NO_DIFFERENCE)] + [v.rsplit(" (", 1)[0] for v in verdicts if f" {IDENTICAL} " in v]
+    return [v for v in verdicts if is_claim(v)], within
+
+
 def build_report(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +156,7 @@ def build_report(out_dir: str | Path) -> Path:
         raise ValueError(f"no MLflow experiment {STUDY_EXPERIMENT!r} at {mlflow.get_tracking_uri()}: "
                          "run `roadsight experiment <name>` first")
     studies = latest_study_runs(client, experiment.experiment_id)
-    md, body, run_ids, provenance = [], [], set(), set()
+    md, body, run_ids, provenance, conclusions = [], [], set(), set(), {}
     for name, study in STUDIES.items():
         run = studies.get(name)
         md += [f"## {name}", "", f"*{study.question}*", ""]
@@ -161,6 +169,7 @@ def build_report(out_dir: str | Path) -> Path:
         run_ids |= {r["run_id"] for r in rows}
         provenance.add(tuple(run.data.tags.get(k, "?") for k in PROVENANCE_TAGS))
         conclusion = study.conclude(rows)  # today's wording of the run's numbers (its conclusion.md: the first)
+        conclusions[name] = conclusion
         params = {k: v for k, v in run.data.params.items() if k not in ("question", "study")}
         settings = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
         splits = "; ".join(f"{s}: {SPLITS[s]}" for s in study.splits)
@@ -200,8 +209,18 @@ def build_report(out_dir: str | Path) -> Path:
                  "of each class by file name: night cars and another camera), scored on night and day images too. "
                  "A setting beats another only when the paired (by seed) difference's 95% t-interval excludes zero; "
                  "otherwise the conclusion says there is no measurable difference at that n.")
-    md = ["# roadsight lab report", "", *(line for p in intro for line in (p, "")), *md]
-    body = ["<h1>roadsight lab report</h1>", *(f"<p>{html.escape(p)}</p>" for p in intro), *body]
+    summary_md, summary_html = [], []
+    for name, conclusion in conclusions.items():
+        claims, within = survivors(conclusion)
+        head = f"{len(claims)} of {len(claims) + len(within)} comparisons beyond the noise"
+        rest = [*claims, *([f"no measurable difference: {'; '.join(within)}."] if within else [])]
+        summary_md.append(f"- **{name}**: {head}" + "".join(f"\n  - {line}" for line in rest))
+        summary_html.append(f"<li><strong>{html.escape(name)}</strong>: {head}<ul>"
+                            + "".join(f"<li>{html.escape(line)}</li>" for line in rest) + "</ul></li>")
+    md = ["# roadsight lab report", "", *(line for p in intro for line in (p, "")),
+          "## What survived the statistics", "", *summary_md, "", *md]
+    body = ["<h1>roadsight lab report</h1>", *(f"<p>{html.escape(p)}</p>" for p in intro),
+            "<h2>What survived the statistics</h2><ul>", *summary_html, "</ul>", *body]
     (out / "README.md").write_text("\n".join(md) + "\n")
     (out / "index.html").write_text("<!doctype html><meta charset=utf-8><title>roadsight lab report</title>"
                                     "<body style='font-family:sans-serif;max-width:1400px;margin:auto'>"

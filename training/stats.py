@@ -14,6 +14,8 @@ from typing import Sequence
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
+NO_DIFFERENCE = "No measurable difference"  # how a verdict within the noise starts
+IDENTICAL = "give identical"  # a verdict on settings whose every paired difference is zero
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,12 @@ def verdict(name_a: str, name_b: str, difference: Interval, what: str, digits: i
     if d.n > 1 and d.sd == 0:
         numbers = f"{d.mean:+.{digits}f} in every one of n = {d.n} pairs"
         if d.mean == 0:
-            return f"{name_a} and {name_b} give identical {what} ({numbers})."
+            return f"{name_a} and {name_b} {IDENTICAL} {what} ({numbers})."
     if d.excludes_zero():
         return f"{name_a} {'beats' if d.mean > 0 else 'trails'} {name_b} on {what}: {numbers}."
-    return f"No measurable difference between {name_a} and {name_b} on {what} at n = {d.n}: {numbers}."
+    return f"{NO_DIFFERENCE} between {name_a} and {name_b} on {what} at n = {d.n}: {numbers}."
+
+
+def is_claim(line: str) -> bool:
+    """Whether a verdict line states a difference beyond the noise."""
+    return " beats " in line or " trails " in line
