@@ -51,7 +51,8 @@ SHIPPED_RECIPE = dict(net="efficientnet_lite0", image_size=224, normalization="e
 DEHAZE_EPOCHS = 2  # the default recipe's 10 take 45-60 min; the shipped dehazer is trained apart
 SPLITS = {"random": "in-distribution", "tail": "tail split"}  # split -> what its test measures
 # Options that change how fast a run goes, not what it computes: left out of the reuse key.
-NOT_IN_KEY = {"resume", "checkpoint_dir", "experiment", "run_name", "log_model", "device", "threads"}
+NOT_IN_KEY = {"resume", "checkpoint_dir", "experiment", "run_name", "log_model", "device", "threads",
+              "feature_cache"}
 # (split, metric) -> the words conclusions use for it
 MEASURES = {("random", "test_accuracy"): "in-distribution accuracy",
             ("random", "test_macro_f1"): "in-distribution macro-F1",
