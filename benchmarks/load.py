@@ -44,6 +44,19 @@ class Outcome:
     status: str
 
 
+async def post(session: aiohttp.ClientSession, url: str, upload: Upload) -> str:
+    """The answer's status code, or what went wrong on the client's side ("timeout", the aiohttp
+    error's name, e.g. ClientConnectorError for a refused connection)."""
+    try:
+        async with session.post(url, data=upload.body()) as response:
+            await response.read()
+            return str(response.status)
+    except asyncio.TimeoutError:
+        return "timeout"
+    except aiohttp.ClientError as exc:
+        return type(exc).__name__
+
+
 async def _client(session: aiohttp.ClientSession, url: str, uploads: list[Upload], first: int,
                   answered: asyncio.Event, stop: asyncio.Event, outcomes: list[Outcome]) -> None:
     index = first
@@ -51,14 +64,7 @@ async def _client(session: aiohttp.ClientSession, url: str, uploads: list[Upload
         upload = uploads[index % len(uploads)]
         index += 1
         started = time.perf_counter()
-        try:
-            async with session.post(url, data=upload.body()) as response:
-                await response.read()
-                status = str(response.status)
-        except asyncio.TimeoutError:
-            status = "timeout"
-        except aiohttp.ClientError as exc:
-            status = type(exc).__name__
+        status = await post(session, url, upload)
         outcomes.append(Outcome(started, time.perf_counter(), status))
         answered.set()
 

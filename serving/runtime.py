@@ -60,18 +60,32 @@ def default_models_dir() -> Path:
     return Path(configured) if configured else Path(__file__).resolve().parent.parent / "models"
 
 
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Cores this container's CPU quota allows (docker --cpus), from cgroup v2's cpu.max or, on hosts
+    still on cgroup v1, the CFS files; None when there is no quota."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # "max 100000" when unlimited
+    except OSError:
+        try:
+            quota, period = ((cgroup / "cpu" / name).read_text().strip()  # quota -1 when unlimited
+                             for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        except OSError:
+            return None
+    try:
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except ValueError:
+        return None
+
+
 def available_cores() -> int:
-    """CPU cores this process may use: its affinity mask, capped by a cgroup v2 quota (docker --cpus)."""
+    """CPU cores this process may use: its affinity mask, capped by its CPU quota."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
     return max(1, cores)
 
 

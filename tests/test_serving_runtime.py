@@ -112,6 +112,17 @@ def test_provider_preferences(standins, monkeypatch):
 
 def test_cores_and_models_dir(monkeypatch, tmp_path):
     assert 1 <= runtime.available_cores() <= (os.cpu_count() or 1)
+    assert runtime.cpu_quota(tmp_path) is None  # no cgroup files: no quota
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert runtime.cpu_quota(tmp_path) is None  # cgroup v1, unlimited
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert runtime.cpu_quota(tmp_path) == 1.0  # cgroup v1, docker --cpus 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert runtime.cpu_quota(tmp_path) is None  # cgroup v2 is read first: unlimited
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert runtime.cpu_quota(tmp_path) == 1.5  # docker --cpus 1.5
     monkeypatch.setenv("ROADSIGHT_MODELS_DIR", str(tmp_path))
     assert runtime.default_models_dir() == tmp_path
     monkeypatch.delenv("ROADSIGHT_MODELS_DIR")
