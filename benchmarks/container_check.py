@@ -45,13 +45,14 @@ STOP_AFTER_S = 1.5  # into the drain load, when `docker stop` is sent
 # the service's request timeout (ROADSIGHT_TIMEOUT_S, 120 s), so no answer is ever cut. The server
 # exits as soon as its requests in flight are answered; Docker's default (10 s) cuts longer ones.
 STOP_TIMEOUT_S = 130
+DOCKER_TIMEOUT_S = 300  # for any docker command, `docker stop` included
 
 
 class CheckFailed(AssertionError):
     """A check's answer was wrong; the message says which and what came back."""
 
 
-def docker(*arguments: str, check: bool = True, timeout: float = STOP_TIMEOUT_S + 60) -> str:
+def docker(*arguments: str, check: bool = True, timeout: float = DOCKER_TIMEOUT_S) -> str:
     result = subprocess.run(["docker", *arguments], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise CheckFailed(f"docker {' '.join(arguments)} failed: {result.stderr.strip()[-2000:]}")
@@ -213,15 +214,16 @@ async def drain(name: str, url: str) -> dict:
             "sent_after_stop": by_route(after)}
 
 
-def run_check(image: str, flavor: str, gpus: str | None, ready_timeout_s: float) -> dict:
+def run_check(image: str, flavor: str, gpus: str | None, ready_timeout_s: float, stop_timeout_s: int) -> dict:
     size = int(docker("image", "inspect", "-f", "{{.Size}}", image))
     print(f"image {image}: {size / 1e9:.2f} GB ({size} bytes)", flush=True)
     port, name = free_port(), f"roadsight-check-{os.getpid()}"
-    run = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:{CONTAINER_PORT}", "--stop-timeout", str(STOP_TIMEOUT_S)]
+    run = ["run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:{CONTAINER_PORT}", "--stop-timeout", str(stop_timeout_s)]
     if gpus:
         run += ["--gpus", gpus]
     url = f"http://127.0.0.1:{port}"
-    result = {"image": image, "flavor": flavor, "image_bytes": size, "gpus": gpus, "when": utc_now(), "machine": machine()}
+    result = {"image": image, "flavor": flavor, "image_bytes": size, "gpus": gpus, "stop_timeout_s": stop_timeout_s,
+              "when": utc_now(), "machine": machine()}
     try:
         docker(*run, image)
         result["ready_s"] = round(wait_until_ready(name, url, ready_timeout_s), 2)
@@ -255,11 +257,13 @@ def main() -> None:
     parser.add_argument("--flavor", choices=("gpu", "cpu"), help="what the image should hold (default: from its name)")
     parser.add_argument("--gpus", help="passed to `docker run --gpus` (e.g. all); the models must then run on CUDA")
     parser.add_argument("--ready-timeout", type=float, default=180, help="seconds to wait for /readyz (default 180)")
+    parser.add_argument("--stop-timeout", type=int, default=STOP_TIMEOUT_S,
+                        help=f"docker run --stop-timeout: seconds from SIGTERM to SIGKILL (default {STOP_TIMEOUT_S}; Docker's own is 10)")
     args = parser.parse_args()
     if not shutil.which("docker"):
         sys.exit("no docker client on PATH")
     flavor = args.flavor or ("cpu" if args.image.split(":")[0].endswith("-cpu") else "gpu")
-    result = run_check(args.image, flavor, args.gpus, args.ready_timeout)
+    result = run_check(args.image, flavor, args.gpus, args.ready_timeout, args.stop_timeout)
     print(f"{'passed' if result['passed'] else 'FAILED'}: {args.image}, {result['image_bytes'] / 1e9:.2f} GB, "
           f"ready in {result.get('ready_s', '-')} s; results in {save_result('container-' + args.image.split(':')[0], result)}")
     sys.exit(0 if result["passed"] else 1)
