@@ -109,7 +109,7 @@ def check_answers(url: str, provider: str) -> dict:
     expect(provider == "any" or info["provider"] == provider,
            f"/info says the models run on {info['provider']}, expected {provider}")
 
-    photo = vehicle_images(3)[1]  # a real photo from the middle of the list (a car)
+    photo = vehicle_images(3)[1]  # a real photo, the middle one of three spread over the classes
     response = httpx.post(url + "/classify", files={"image": (photo.name, photo.read_bytes(), "image/jpeg")}, timeout=60)
     expect(response.status_code == 200, f"/classify of {photo.name}: {response.status_code} {response.text[:300]}")
     served_answer, expected = response.json(), in_process_classification(photo)
@@ -154,7 +154,7 @@ def check_contents(name: str, flavor: str) -> dict:
         expect(runtimes == ["onnxruntime"] and not cuda_wheels, f"CPU image holds {runtimes + cuda_wheels}")
     else:
         expect(runtimes == ["onnxruntime-gpu"] and cuda_wheels, f"GPU image holds {runtimes}, CUDA wheels {cuda_wheels}")
-    return {"user": user, "uid": uid, "build_tools": [], "onnxruntime": runtimes[0], "cuda_wheels": len(cuda_wheels),
+    return {"user": user, "uid": uid, "onnxruntime": runtimes[0], "cuda_wheels": len(cuda_wheels),
             "distributions": len(listing)}
 
 
