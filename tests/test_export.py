@@ -62,3 +62,19 @@ def test_shipped_metadata_matches_its_onnx_file(json_path):
     contract = json.loads(json_path.read_text())
     assert contract["sha256"] == sha256_of(json_path.parent / contract["file"])
     assert (json_path.parent / contract["file"]).stat().st_size <= 20 * 2**20
+
+
+def test_export_records_what_the_recipe_was_chosen_on(tmp_path, mlflow_store):
+    other = str(SAMPLE / "vehicles")  # stands in for a folder of other-source images
+    run = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-2, val_fraction=0.0, cv="blocked:2",
+                                       validate_on=other))
+    json_path = export_classifier(run.run_id, tmp_path / "models", data=str(SAMPLE / "vehicles"), register=False)
+    contract = json.loads(json_path.read_text())
+    selection = contract["selection"]
+    assert selection["run_metrics"]["cv_accuracy"] == pytest.approx(run.metrics["cv_accuracy"])
+    assert selection["run_metrics"]["temperature"] == pytest.approx(run.metrics["temperature"])
+    # the ONNX file, temperature included, scores the other-source images as the run did
+    assert selection["other_source"]["images"] == 36
+    assert selection["other_source"]["accuracy"] == pytest.approx(run.metrics["other_accuracy"])
+    assert selection["other_source"]["ece"] == pytest.approx(run.metrics["other_ece"], abs=1e-4)
+    assert {"ece", "images_per_second_batch1", "images_per_second_batch32"} <= set(contract["metrics"])

@@ -67,3 +67,38 @@ def test_the_fitted_temperature_undoes_overconfidence():
     before = expected_calibration_error(torch.softmax(true_logits * 3, 1).numpy(), labels.numpy())
     after = expected_calibration_error(torch.softmax(true_logits * 3 / temperature, 1).numpy(), labels.numpy())
     assert after < before / 2
+
+
+def test_the_imagenet_prior_head_adds_the_grouped_imagenet_evidence_and_a_probe_fits_around_it(sample_images):
+    import timm
+
+    from training.engine import fit_linear_probe
+    from training.nets.pretrained import IMAGENET_GROUPS, _imagenet_state
+
+    _, images = sample_images
+    model = build_classifier("efficientnet_lite0", 3, (64, 64), "centered", imagenet_prior=1.0).eval()
+    head = model.backbone.classifier
+    features = head_inputs(model, images, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(model, features[0]), model(images), rtol=1e-4, atol=1e-4)
+        imagenet = timm.create_model("efficientnet_lite0", pretrained=False)
+        imagenet.load_state_dict(_imagenet_state(0, imagenet.state_dict()))
+        probabilities = torch.softmax(imagenet.classifier(features[0]), 1)  # the full 1000-class ImageNet head
+        grouped = torch.stack([probabilities[:, list(g)].sum(1) for g in IMAGENET_GROUPS.values()], 1)
+        torch.testing.assert_close(torch.softmax(head.logit_offset(features[0]), 1), grouped / grouped.sum(1, keepdim=True),
+                                   rtol=1e-4, atol=1e-5)
+    imagenet_before = head.imagenet.weight.clone()
+    labels = torch.arange(10) % 3
+    fit_linear_probe(model, features, labels, l2=1e6, device=torch.device("cpu"))  # so strong: the prior alone
+    assert head.fc.weight.abs().max() < 1e-3
+    torch.testing.assert_close(head.imagenet.weight, imagenet_before)
+    prior_loss = torch.nn.functional.cross_entropy(head_logits(model, features[0]), labels)
+    fit_linear_probe(model, features, labels, l2=1e-3, device=torch.device("cpu"))  # weak: fits the labels
+    assert torch.nn.functional.cross_entropy(head_logits(model, features[0]), labels) < prior_loss - 0.1
+
+
+def test_centered_normalisation_maps_uint8_to_minus_one_one():
+    from training.nets.classifier import InputNormalization
+
+    x = torch.tensor([0, 255, 127.5]).view(1, 3, 1, 1)
+    torch.testing.assert_close(InputNormalization("centered")(x).flatten(), torch.tensor([-1.0, 1.0, 0.0]))

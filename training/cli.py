@@ -97,8 +97,11 @@ def cmd_dehaze_baseline(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import export
 
-    exporter = export.export_classifier if args.task == "classify" else export.export_dehazer
-    json_path = exporter(args.run, Path(args.out), data=args.data, alias=args.alias, register=args.register)
+    if args.task == "classify":
+        json_path = export.export_classifier(args.run, Path(args.out), data=args.data, alias=args.alias,
+                                             register=args.register, validate_on=args.validate_on)
+    else:
+        json_path = export.export_dehazer(args.run, Path(args.out), data=args.data, alias=args.alias, register=args.register)
     contract = json.loads(json_path.read_text())
     print(f"wrote {json_path.with_suffix('.onnx')} and {json_path} (sha256 {contract['sha256'][:12]}...); "
           f"registered as {contract['source'].get('model_uri', '-')}")
@@ -109,7 +112,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_onnx
 
-    print(json.dumps(evaluate_onnx(args.model, args.data, args.test_fraction), indent=2))
+    print(json.dumps(evaluate_onnx(args.model, args.data, args.test_fraction, args.whole_folder), indent=2))
     return 0
 
 
@@ -160,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="MLflow run id, runs:/<id> or models:/name@alias")
     export.add_argument("--out", default="models", help="output folder")
     export.add_argument("--data", help="dataset for the parity check and metrics (default: the run's own)")
+    export.add_argument("--validate-on", help="classify: a {bus,car,truck}/ folder of other-source images scored on "
+                                              "the ONNX file for the JSON's selection figures (default: the run's own)")
     export.add_argument("--alias", default="champion", help="registered-model alias to point at the export")
     export.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
                         help="log the ONNX model to the run and register it in MLflow")
@@ -169,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="models/<name>.onnx or its .json")
     evaluate.add_argument("--data", required=True, help="dataset folder (vehicles or dehaze pairs)")
     evaluate.add_argument("--test-fraction", type=float, default=0.2, help="the tail split's test share")
+    evaluate.add_argument("--whole-folder", action="store_true",
+                          help="classify: score every image of DATA's {bus,car,truck}/ (images from other sources, "
+                               "per file-name prefix too) instead of the tail split")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     from .experiments import STUDIES

@@ -25,7 +25,7 @@ from .config import ClassifyConfig
 from .data.augment import BatchAugment, night_view
 from .data.vehicles import (Sample, blocked_folds, carve_validation, labelled_folder, lighting_balanced, load_images, parse_cv,
                             source_group, split_vehicles)
-from .features import cached_head_inputs, final_linear
+from .features import cached_head_inputs, final_linear, logit_offset
 from .metrics import (accuracy_by_lighting, classification_report, confusion_matrix, expected_calibration_error,
                       reliability_bins)
 from .nets import build_classifier, count_parameters
@@ -126,18 +126,21 @@ def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Ten
 
     The standard linear-probe protocol for pretrained backbones: ``features`` are what the final
     layer sees for every training image and its mirror image (``features.head_inputs``, (2, N, D)),
-    and full-batch L-BFGS minimises mean cross-entropy + l2/2 * ||W||^2. Frozen pretrained features
+    and full-batch L-BFGS minimises mean cross-entropy + l2/2 * ||W||^2 (around the model's fixed
+    ``logit_offset``, if it has one: the larger l2, the closer to that prior). Frozen pretrained features
     keep what makes them robust to distribution shift; fine-tuning them on a small set is what
     distorts them.
     """
     head = final_linear(model)
     features, targets = features.reshape(-1, features.shape[-1]).to(device), labels.repeat(len(features)).to(device)
+    with torch.no_grad():
+        offset = logit_offset(model, features)
     weight, bias = head.weight, head.bias
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias, targets) + l2 / 2 * weight.square().sum()
+        loss = F.cross_entropy(features @ weight.T + bias + offset, targets) + l2 / 2 * weight.square().sum()
         loss.backward()
         return loss
 
@@ -200,7 +203,7 @@ def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The model's logits from what its final layer sees (one view of ``head_inputs``): a frozen
     backbone's runs, folds and other-source scores never repeat the feature pass."""
     with torch.no_grad():
-        return final_linear(model)(features) / model.temperature
+        return (final_linear(model)(features) + logit_offset(model, features)) / model.temperature
 
 
 @dataclass

@@ -6,6 +6,7 @@ onnxruntime fed exactly as a client following models/README.md would feed it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,8 @@ import onnxruntime as ort
 
 from serving.images import open_rgb, pad_to_multiple, stretch
 
-from .data.vehicles import split_vehicles
-from .metrics import accuracy_by_lighting, classification_report, confusion_matrix
+from .data.vehicles import labelled_folder, source_group, split_vehicles
+from .metrics import accuracy_by_lighting, classification_report, confusion_matrix, expected_calibration_error
 
 
 def load_contract(json_path: str | Path) -> tuple[dict, Path]:
@@ -27,38 +28,55 @@ def load_contract(json_path: str | Path) -> tuple[dict, Path]:
     return contract, json_path.parent / contract["file"]
 
 
-def evaluate_classifier_onnx(model: str | Path, data: str, test_fraction: float = 0.2, batch_size: int = 64) -> dict:
-    """Accuracy, macro-F1, per-class scores and night/day accuracy on the lab's tail split."""
+def evaluate_classifier_onnx(model: str | Path, data: str, test_fraction: float = 0.2, batch_size: int = 64,
+                             whole_folder: bool = False) -> dict:
+    """Accuracy, macro-F1, per-class scores, calibration error and night/day accuracy on the lab's tail
+    split, and onnxruntime's images/s at batch 1 and 32; with ``whole_folder``, the same scores on every
+    image of ``data``'s class folders (images from other sources) with a breakdown per file-name prefix."""
     contract, onnx_path = load_contract(model)
     spec = contract["input"]
     labels = tuple(contract["labels"])
-    split = split_vehicles(data, test_fraction, "tail", classes=labels)
+    samples = labelled_folder(data, labels) if whole_folder else split_vehicles(data, test_fraction, "tail", classes=labels).test
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    images = np.stack([stretch(open_rgb(s.path), spec["width"], spec["height"], spec["filter"]) for s in split.test])
-    truth = np.array([s.label for s in split.test])
-    probabilities = np.concatenate([session.run([contract["output"]["name"]], {spec["name"]: images[i : i + batch_size]})[0]
-                                    for i in range(0, len(images), batch_size)])
+    images = np.stack([stretch(open_rgb(s.path), spec["width"], spec["height"], spec["filter"]) for s in samples])
+    truth = np.array([s.label for s in samples])
+    run = lambda batch: session.run([contract["output"]["name"]], {spec["name"]: batch})[0]  # noqa: E731
+    probabilities = np.concatenate([run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     predictions = probabilities.argmax(1)
     report = classification_report(confusion_matrix(truth, predictions, len(labels)), labels)
+    report["ece"] = expected_calibration_error(probabilities, truth)
     report.update(accuracy_by_lighting(images, truth, predictions))
+    if whole_folder:
+        groups = np.array([source_group(s.path) for s in samples])
+        for group in sorted(set(groups) - {""}):
+            report[f"{group}_accuracy"] = float((predictions == truth)[groups == group].mean())
+        report.update({"images": int(len(truth)), "split": f"every image of {Path(data).name}"})
+        return report
+    for batch in (1, 32):
+        seconds = min(timed(run, images[:batch]) for _ in range(5 if batch == 1 else 3))
+        report[f"images_per_second_batch{batch}"] = batch / seconds
     report.update({"test_images": int(len(truth)), "split": f"tail {test_fraction:.0%} of each class by file name"})
     return report
 
 
-def evaluate_onnx(model: str | Path, data: str, test_fraction: float = 0.2) -> dict:
+def timed(call, *args) -> float:
+    start = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - start
+
+
+def evaluate_onnx(model: str | Path, data: str, test_fraction: float = 0.2, whole_folder: bool = False) -> dict:
     """Dispatch on the contract's task."""
     contract, _ = load_contract(model)
     if contract["task"] == "classify":
-        return evaluate_classifier_onnx(model, data, test_fraction)
+        return evaluate_classifier_onnx(model, data, test_fraction, whole_folder=whole_folder)
     return evaluate_dehazer_onnx(model, data, test_fraction)
 
 
 def evaluate_dehazer_onnx(model: str | Path, data: str, test_fraction: float = 0.2) -> dict:
     """PSNR/SSIM on the test pairs at full resolution, after 8-bit rounding, plus megapixels/s."""
-    import time
-
     from .data.dehaze import load_pair, split_dehaze
     from .image_metrics import mean_scores, quantize
 

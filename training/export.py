@@ -144,11 +144,13 @@ class _Probabilities(nn.Module):
 
 
 def export_classifier(source: str, out_dir: Path, data: str | None = None, alias: str | None = "champion",
-                      register: bool = True) -> Path:
+                      register: bool = True, validate_on: str | None = None) -> Path:
     """Export a classification run to ``out_dir/vehicle_classifier.onnx`` + ``.json``.
 
     ``data`` (the vehicle folder; default: the run's own) supplies the real test images for the
-    parity check and the metrics recorded in the JSON.
+    parity check and the metrics recorded in the JSON. The JSON's ``selection`` holds what the recipe
+    was chosen on: the run's blocked-CV and calibration figures and, scored on the ONNX file, every
+    image of ``validate_on`` (default: the run's own ``--validate-on``, if any).
     """
     from .data.vehicles import load_images, split_vehicles
     from .evaluate import evaluate_classifier_onnx
@@ -190,8 +192,19 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
         "source": {"mlflow_run_id": ckpt.run_id, "net": cfg["net"], "net_options": cfg.get("net_options") or {},
                    "training_config": cfg},
     }
-    return finish_export(target, metadata, lambda path: evaluate_classifier_onnx(path, data, cfg["test_fraction"]),
-                         ckpt.run_id, alias, register)
+    validate_on = validate_on or cfg.get("validate_on")
+    selection = {k: v for k, v in mlflow.get_run(ckpt.run_id).data.metrics.items()
+                 if k.startswith(("cv_", "other_", "temperature"))}
+    if selection:
+        metadata["selection"] = {"run_metrics": dict(sorted(selection.items()))}
+    json_path = finish_export(target, metadata, lambda path: evaluate_classifier_onnx(path, data, cfg["test_fraction"]),
+                              ckpt.run_id, alias, register)
+    if validate_on:
+        contract = json.loads(json_path.read_text())
+        contract.setdefault("selection", {})["other_source"] = {
+            "data": Path(validate_on).name, **evaluate_classifier_onnx(json_path, validate_on, whole_folder=True)}
+        json_path.write_text(json.dumps(contract, indent=2, ensure_ascii=False) + "\n")
+    return json_path
 
 
 def export_dehazer(source: str, out_dir: Path, data: str | None = None, alias: str | None = "champion",

@@ -26,6 +26,13 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
 
+def logit_offset(model: nn.Module, features: torch.Tensor) -> torch.Tensor | float:
+    """What the model adds to the final layer's logits for these features (a fixed prior such as
+    ``nets.pretrained.PriorHead``'s), or 0."""
+    head = next((m for m in model.modules() if hasattr(m, "logit_offset")), None)
+    return head.logit_offset(features) if head is not None else 0.0
+
+
 @torch.no_grad()
 def head_inputs(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """Inputs of the final linear layer for ``images`` and their mirror images: (2, N, D), eval mode."""

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .registry import get_model, model_options
 
 LUMA_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-NORMALIZATIONS = ("equalize-gray", "equalize", "per-image", "scale")
+NORMALIZATIONS = ("equalize-gray", "equalize", "per-image", "centered", "scale")
 
 
 class InputNormalization(nn.Module):
@@ -26,7 +26,9 @@ class InputNormalization(nn.Module):
     ``per-image``: standardise each image by its own mean and standard deviation over all pixels
     and channels. It removes global exposure and contrast, so a night shot and a day shot of the
     same vehicle start closer together (the tail split's test cars are mostly night shots), while
-    colour ratios survive. ``scale``: x / 255, the naive choice, kept for comparison.
+    colour ratios survive. ``centered``: x / 127.5 - 1, the [-1, 1] colour input the EfficientNet-Lite
+    ImageNet weights were trained on (what their own ImageNet head expects). ``scale``: x / 255, the
+    naive choice, kept for comparison.
     """
 
     def __init__(self, mode: str = "per-image"):
@@ -41,6 +43,8 @@ class InputNormalization(nn.Module):
         if self.mode == "equalize-gray":
             luma = (x.float() * LUMA_WEIGHTS.to(x.device)).sum(dim=1, keepdim=True)
             return self._equalize(luma).expand(-1, 3, -1, -1)
+        if self.mode == "centered":
+            return x.float() / 127.5 - 1.0
         x = x.float() / 255.0
         if self.mode == "scale":
             return x
