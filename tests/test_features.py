@@ -102,3 +102,12 @@ def test_centered_normalisation_maps_uint8_to_minus_one_one():
 
     x = torch.tensor([0, 255, 127.5]).view(1, 3, 1, 1)
     torch.testing.assert_close(InputNormalization("centered")(x).flatten(), torch.tensor([-1.0, 1.0, 0.0]))
+
+
+def test_the_cache_key_ignores_the_head_and_its_prior_but_not_the_normalisation():
+    from training.features import backbone_key
+
+    key = lambda **options: backbone_key(build_classifier("efficientnet_lite0", 3, (64, 64), **options), 64)  # noqa: E731
+    plain = key(normalization="centered")
+    assert key(normalization="centered", imagenet_prior=2.0) == plain == key(normalization="centered", imagenet_prior=0.5)
+    assert key(normalization="equalize-gray") != plain

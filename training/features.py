@@ -50,12 +50,14 @@ def head_inputs(model: nn.Module, images: torch.Tensor, device: torch.device, ba
 
 
 def backbone_key(model: nn.Module, image_size: int) -> str:
-    """sha256 of everything that shapes the features: all weights and buffers but the final layer's,
-    the module structure (normalisation mode included) and the input size."""
-    head = {id(t) for t in final_linear(model).parameters()}
-    digest = hashlib.sha256(f"{model!r}|{image_size}".encode())
+    """sha256 of what shapes the features: every weight and buffer by name but those of the head (the
+    final layer and any prior beside it), the input normalisation and the input size."""
+    head = {id(t) for m in model.modules() if m is final_linear(model) or hasattr(m, "logit_offset")
+            for t in (*m.parameters(), *m.buffers())}
+    normalize = getattr(model, "normalize", None)
+    digest = hashlib.sha256(f"{normalize!r}|{image_size}".encode())
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in head:
+        if id(tensor) not in head and not name.endswith("temperature"):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
