@@ -48,6 +48,17 @@ def tiny_config(tmp_path, **overrides):
     return ClassifyConfig(**options)
 
 
+def tiny_dehaze_config(tmp_path, **overrides):
+    """A dehazer run small enough for a test: width 8, 32 px crops, two epochs."""
+    from training.config import DehazeConfig
+
+    options = dict(data=str(SAMPLE / "dehaze"), net_options={"width": 8}, crop_size=32, crops_per_image=2, batch_size=4,
+                   epochs=2, eval_subset=1, checkpoint_dir=str(tmp_path / "ckpt"), experiment="test-dehaze",
+                   log_model=False, threads=1)
+    options.update(overrides)
+    return DehazeConfig(**options)
+
+
 SHIPPED = REPO / "models"
 SHIPPED_FILES = ("vehicle_classifier.json", "vehicle_classifier.onnx", "dehazer.json", "dehazer.onnx")
 DEHAZE_LIMIT = 25_000  # pixels, set small for the test server so the limit is exercised cheaply

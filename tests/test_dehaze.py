@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from conftest import FULL_DATA, SAMPLE
+from conftest import FULL_DATA, SAMPLE, tiny_dehaze_config
 from training.cli import main
-from training.config import DehazeBaselineConfig, DehazeConfig
+from training.config import DehazeBaselineConfig
 from training.data.dehaze import load_pair, load_pairs, random_crops, split_dehaze
 from training.data.vehicles import DataError
 from training.dcp import dehaze_dcp
@@ -165,14 +165,6 @@ def test_baselines_leave_an_mlflow_run(mlflow_store):
     assert run.info.run_id == result.run_id and run.data.metrics == pytest.approx(metrics)
     assert metrics["dcp_psnr"] > metrics["identity_psnr"]
     assert run.data.params["omega"] == "0.95" and run.data.params["data.test"] == "2"
-
-
-def tiny_dehaze_config(tmp_path, **overrides) -> DehazeConfig:
-    options = dict(data=str(DEHAZE), net_options={"width": 8}, crop_size=32, crops_per_image=2, batch_size=4,
-                   epochs=2, eval_subset=1, checkpoint_dir=str(tmp_path / "ckpt"), experiment="test-dehaze",
-                   log_model=False, threads=1)
-    options.update(overrides)
-    return DehazeConfig(**options)
 
 
 def test_a_tiny_training_run_resumed_leaves_one_complete_mlflow_run(tmp_path, mlflow_store):

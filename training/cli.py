@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -13,6 +14,34 @@ from . import interrupts
 from .tracking import disable_telemetry
 
 EXIT_INTERRUPTED = 130
+
+
+def main_process() -> bool:
+    """The process that reports: the only one, or rank 0 of those torchrun started (it sets RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def add_nproc_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train in N processes on this machine (N GPUs, or CPU processes): runs this same command "
+                             "under `torchrun --standalone --nproc-per-node N`; for several machines call torchrun "
+                             "yourself (README, Training)")
+
+
+def exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Become ``torchrun`` running this same command, less ``--nproc``, in ``nproc`` processes: signals
+    then reach torchrun, which forwards them to every process."""
+    command, skip = [], False
+    for token in argv:
+        name = token.split("=")[0]
+        if skip or (len(name) > 2 and "--nproc".startswith(name)):  # argparse takes abbreviations too
+            skip = not skip and "=" not in token
+            continue
+        command.append(token)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "training.cli", *command])
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
@@ -61,6 +90,8 @@ def cmd_train_classify(args: argparse.Namespace) -> int:
     from .engine import train_classifier
 
     result = train_classifier(config_from_args(ClassifyConfig, args))
+    if not main_process():
+        return 0
     m = result.metrics
     figures = [f"{name} accuracy {m[f'{key}_accuracy']:.4f}" + (f" +- {m[f'{key}_accuracy_std']:.4f}" if f"{key}_accuracy_std" in m else "")
                + f", macro-F1 {m[f'{key}_macro_f1']:.4f}" for name, key in
@@ -77,6 +108,8 @@ def cmd_train_dehaze(args: argparse.Namespace) -> int:
     from .dehaze_engine import train_dehazer
 
     result = train_dehazer(config_from_args(DehazeConfig, args))
+    if not main_process():
+        return 0
     m = result.metrics
     print(f"run {result.run_id}: test PSNR {m['test_psnr']:.2f} dB, SSIM {m['test_ssim']:.4f} "
           f"(hazy input: {m['test_identity_psnr']:.2f} dB, {m['test_identity_ssim']:.4f}), "
@@ -147,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify = tasks.add_parser("classify", help="vehicle classifier (bus/car/truck)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(classify, ClassifyConfig)
+    add_nproc_argument(classify)
     classify.set_defaults(handler=cmd_train_classify)
     dehaze = tasks.add_parser("dehaze", help="dehazer (hazy -> clear image pairs)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(dehaze, DehazeConfig)
+    add_nproc_argument(dehaze)
     dehaze.set_defaults(handler=cmd_train_dehaze)
 
     baseline = commands.add_parser("dehaze-baseline", help="score identity and dark-channel-prior dehazing (MLflow run)",
@@ -202,17 +237,25 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     interrupts.install()  # Ctrl-C and `kill` end runs as KILLED and resumable
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)  # imports may add handlers
+    nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and "LOCAL_WORLD_SIZE" in os.environ:
+        print("roadsight: error: --nproc starts torchrun; under torchrun leave it out", file=sys.stderr)
+        return 2
+    if nproc > 1:
+        exec_torchrun(nproc, sys.argv[1:] if argv is None else argv)
+    level = logging.DEBUG if args.verbose else logging.INFO if main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # imports may add handlers
     for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked KILLED; continue with --resume <checkpoint>", file=sys.stderr)
+        if main_process():
+            print("interrupted: the MLflow run is marked KILLED; continue with --resume <checkpoint>", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"roadsight: error: {exc}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if "RANK" in os.environ else ""
+        print(f"roadsight: error{rank}: {exc}", file=sys.stderr)
         return 2
 
 

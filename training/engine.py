@@ -1,5 +1,6 @@
 """Training engine: plain ``train_one_epoch`` / ``evaluate`` functions and ``train_classifier``,
-which wires data, network, optimiser, checkpoints and MLflow together for one run."""
+which wires data, network, optimiser, checkpoints and MLflow together for one run, in one process
+or several under torchrun (see ``distributed``)."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from . import interrupts, tracking
+from . import distributed, tracking
 from .config import ClassifyConfig
 from .data.augment import BatchAugment, night_view
 from .data.vehicles import (Sample, blocked_folds, carve_validation, labelled_folder, lighting_balanced, load_images, parse_cv,
@@ -97,14 +97,15 @@ def restore_checkpoint(path: str, device: torch.device, model: nn.Module, optimi
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, device: torch.device,
                     augment: nn.Module, label_smoothing: float = 0.0, ema: AveragedModel | None = None,
-                    desc: str = "train") -> dict[str, float]:
+                    desc: str = "train") -> tuple[dict[str, float], list[float]]:
+    """One pass over ``loader``: the epoch's loss and accuracy, and each step's loss, over every process."""
     model.train()
     for m in model.modules():  # frozen BatchNorm layers keep their (pretrained) statistics
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
             m.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None):
-        interrupts.raise_if_pending()
+    steps = []  # per step: loss x samples, samples, correct
+    for images, labels in distributed.progress(loader, desc):
+        distributed.raise_if_interrupted()
         images, labels = augment(images.to(device)), labels.to(device)
         logits = model(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
@@ -114,10 +115,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
         scheduler.step()
         if ema is not None:
             ema.update_parameters(model)
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        steps.append([loss.item() * len(labels), len(labels), (logits.argmax(1) == labels).sum().item()])
+    totals = distributed.sum_over_processes(torch.tensor(steps))
+    loss_sum, seen, correct = totals.sum(0).tolist()
+    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}, (totals[:, 0] / totals[:, 1]).tolist()
 
 
 def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: float,
@@ -145,6 +146,7 @@ def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Ten
         return loss
 
     optimizer.step(closure)
+    distributed.broadcast_from_main(weight, bias)  # the same fit everywhere, to the last bit across machines
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -164,12 +166,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Logits of every image, on every process; each process computes its share of them."""
     model.eval()
-    batches = []
-    for start in range(0, len(images), batch_size):
-        interrupts.raise_if_pending()
-        batches.append(model(images[start : start + batch_size].to(device)).float().cpu())
-    return torch.cat(batches)
+    share, batches = distributed.shard(images), []
+    for start in range(0, len(share), batch_size):
+        distributed.raise_if_interrupted()
+        batches.append(model(share[start : start + batch_size].to(device)).float().cpu())
+    return distributed.gather(torch.cat(batches), len(images))
 
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], prefix: str,
@@ -328,9 +331,13 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
     fitted on the out-of-fold predictions."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    processes = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
+    device = processes.device
     folds = parse_cv(cfg.cv)
-    generator = seed_everything(cfg.seed)
+    if folds and processes.world_size > 1:
+        raise ValueError("--cv runs in one process (its folds are not distributed): leave out torchrun / --nproc")
+    generator = seed_everything(cfg.seed + processes.rank)  # augmentation and dropout differ per process; DDP
+    # starts every process from rank 0's weights
     split = split_vehicles(cfg.data, cfg.test_fraction, cfg.split, cfg.seed)
     classes = split.classes
     fit_samples, val_samples = carve_validation(split.train, cfg.val_fraction, len(classes))
@@ -347,8 +354,12 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
     dropped = sorted({s.path for s in course.samples} - {s.path for s in fitted.samples})
     fitted = fitted + extra
     train_x, train_y = fitted.x, fitted.y
-    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=cfg.batch_size, shuffle=True,
-                        drop_last=len(train_y) > cfg.batch_size, generator=generator)
+    # One seeded order per epoch, rank r taking every W-th sample of it: the same global batches at any
+    # process count (the tail of the epoch that would make a short batch is left out)
+    dataset = TensorDataset(train_x, train_y)
+    sampler = DistributedSampler(dataset, processes.world_size, processes.rank, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=processes.batch_size, sampler=sampler,
+                        drop_last=len(sampler) > processes.batch_size)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(loader))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
@@ -360,14 +371,13 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
         start_epoch, history, run_id = state["epoch"], state["history"], state["run_id"]
+    trained = distributed.wrap(model, processes, find_unused_parameters=cfg.head_only_epochs > 0)
 
-    with tracking.tracked_run(cfg.experiment, cfg.run_name or cfg.net, run_id=run_id, nested=nested,
-                              tags={"task": "classify", "net": cfg.net}) as run:
-        checkpoint = Path(cfg.checkpoint_dir) / run.info.run_id / "last.pt"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        if run_id is None:
-            tracking.log_params({**cfg.params(), "parameters": count_parameters(model), "device": str(device),
-                                 "classes": classes, **{f"data.{k}": v for k, v in split.summary().items()},
+    with distributed.tracked_run(processes, cfg, "classify", run_id, nested) as (tracked_id, checkpoint):
+        if processes.is_main and run_id is None:
+            tracking.log_params({**cfg.params(), **processes.params(), "parameters": count_parameters(model),
+                                 "device": str(device), "classes": classes,
+                                 **{f"data.{k}": v for k, v in split.summary().items()},
                                  "data.lighting_dropped": len(dropped), "data.extra": len(extra.y),
                                  "data.other": len(other.y) if other is not None else 0})
             mlflow.log_text("\n".join(f"{p}\t{why}" for p, why in split.excluded) or "none", "data/excluded.tsv")
@@ -390,15 +400,18 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
             for name, part in (("test", test), ("val", val)):
                 if part is not None:
                     probe.update(score_logits(recipe.logits(part), part.y, classes, name))
-            mlflow.log_metrics(probe, step=0)
+            if processes.is_main:
+                mlflow.log_metrics(probe, step=0)
             if ema is not None:
                 ema.module.load_state_dict(model.state_dict())
         for epoch in range(start_epoch, cfg.epochs):
             tick = time.perf_counter()
             freeze_all_but_head(model, frozen=epoch < cfg.head_only_epochs)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"]}
-            row.update(train_one_epoch(model, loader, optimizer, scheduler, device, augment, cfg.label_smoothing,
-                                       ema, desc=f"epoch {epoch + 1}/{cfg.epochs}"))
+            sampler.set_epoch(epoch)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "world_size": processes.world_size}
+            figures, step_losses = train_one_epoch(trained, loader, optimizer, scheduler, device, augment,
+                                                   cfg.label_smoothing, ema, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+            row.update(figures)
             row["epoch_seconds"] = time.perf_counter() - tick
             if test is not None:
                 row.update(evaluate(evaluated, test.x, test.y, classes, device)[0])
@@ -406,10 +419,13 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
                 row.update(evaluate(evaluated, val.x, val.y, classes, device, "val")[0])
                 row.update(evaluate(evaluated, night_view(val.x), val.y, classes, device, "val_night")[0])
             history.append(row)
+            if not processes.is_main:
+                continue
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            tracking.log_steps("train_step_loss", step_losses, epoch * len(loader) + 1)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                        "epoch": epoch + 1, "history": history, "run_id": run.info.run_id}, checkpoint)
+                        "epoch": epoch + 1, "history": history, "run_id": tracked_id}, checkpoint)
             log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                             if k in ("train_loss", "test_accuracy", "test_macro_f1", "epoch_seconds")))
         final = dict(summary)
@@ -424,9 +440,10 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
             final.update(scores)
             final.update({f"test_{k}": v for k, v in accuracy_by_lighting(test.x.numpy(), test.y.numpy(), predictions).items()})
         final["total_seconds"] = time.perf_counter() - started
-        mlflow.log_metrics(final)
-        _log_artifacts(cfg, evaluated, classes, test, predictions, history)
-    return ClassifyResult(run.info.run_id, final, history, evaluated, checkpoint)
+        if processes.is_main:
+            mlflow.log_metrics(final)
+            _log_artifacts(cfg, evaluated, classes, test, predictions, history)
+    return ClassifyResult(tracked_id, final, history, evaluated, checkpoint)
 
 
 def calibrate(model: nn.Module, recipe: Recipe, out_of_fold: torch.Tensor, labels: torch.Tensor,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import interrupts
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +35,21 @@ def logit_offset(model: nn.Module, features: torch.Tensor) -> torch.Tensor | flo
 
 @torch.no_grad()
 def head_inputs(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Inputs of the final linear layer for ``images`` and their mirror images: (2, N, D), eval mode."""
+    """Inputs of the final linear layer for ``images`` and their mirror images: (2, N, D), eval mode.
+    Under torchrun each process computes its share and every process gets them all."""
     model.eval()
+    share = distributed.shard(images)
     captured: list[torch.Tensor] = []
     hook = final_linear(model).register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float().cpu()))
     try:
-        for view in (images, images.flip(-1)):
+        for view in (share, share.flip(-1)):
             for start in range(0, len(view), batch_size):
-                interrupts.raise_if_pending()
+                distributed.raise_if_interrupted()
                 model(view[start : start + batch_size].to(device))
     finally:
         hook.remove()
-    return torch.cat(captured).view(2, len(images), -1)
+    by_image = torch.cat(captured).view(2, len(share), -1).transpose(0, 1).contiguous()
+    return distributed.gather(by_image, len(images)).transpose(0, 1)
 
 
 def backbone_key(model: nn.Module, image_size: int) -> str:
@@ -80,6 +83,7 @@ def cached_head_inputs(model: nn.Module, paths: list[Path], images: torch.Tensor
             cached = dict(zip(saved["digests"].tolist(), saved["features"]))
     digests = [file_digest(p) for p in paths]
     missing = list({d: i for i, d in enumerate(digests) if d not in cached}.values())  # each distinct image once
+    missing = distributed.union(missing)  # the feature pass is shared: every process asks for the same images
     if missing:
         log.info("feature cache %s: computing %d of %d images", store.name, len(missing), len(paths))
         fresh = head_inputs(model, images[missing], device).numpy()

@@ -6,7 +6,8 @@ unsafe during an MLflow run: inside a database commit (CI saw the interrupted co
 locked, so marking the run KILLED then failed) and inside a finalizer (where the exception is only
 printed, and the interrupt is gone). So inside ``deferred()`` - the body of every tracked run - the
 first signal is only remembered, and the training and evaluation loops raise it at the next step
-through ``raise_if_pending``; a second signal stops at once, for a user who will not wait.
+through ``raise_if_pending``; a second signal stops at once, for a user who will not wait. Under
+torchrun every process defers alike and the processes stop together (``distributed.raise_if_interrupted``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def install() -> None:
     """Route SIGINT (Ctrl-C) and SIGTERM (``kill``) here; call from the main thread."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _interrupt)
+
+
+def pending() -> bool:
+    """Whether a signal is held (deferred or swallowed) and not raised yet."""
+    return bool(_pending)
 
 
 def raise_if_pending() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Iterator, Sequence
 
 import matplotlib
@@ -56,6 +57,15 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
 def log_params(params: dict[str, object]) -> None:
     """Log parameters, flattening sequences to text (MLflow params are strings)."""
     mlflow.log_params({k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in params.items()})
+
+
+def log_steps(key: str, values: Sequence[float], first_step: int) -> None:
+    """One value per training step (``first_step``, ``first_step + 1``, ...), in few writes."""
+    timestamp = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(key, float(v), timestamp, first_step + i) for i, v in enumerate(values)]
+    run_id = mlflow.active_run().info.run_id
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+        mlflow.MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
 def curves_figure(history: Sequence[dict[str, float]], panels: dict[str, Sequence[str]]):
