@@ -79,7 +79,8 @@ def measure(ks: list[int], draws: int, feature_cache: str) -> dict:
     fitted = recipe.balanced(Images.load(split.train, cfg.image_size))
     pools = {"tail split": Images.load(split.test, cfg.image_size),
              "vehicles-other": Images.load(labelled_folder(FULL_DATA / "vehicles-other", classes), cfg.image_size)}
-    return {"recipe": {k: v for k, v in dataclasses.asdict(cfg).items() if k in cfg.params()},
+    contract = json.loads((MODELS / "vehicle_classifier.json").read_text())
+    return {"model_sha256": contract["sha256"], "recipe": cfg.params(),
             "pools": {name: curve(recipe, fitted, pool, classes, ks, draws) for name, pool in pools.items()}}
 
 
