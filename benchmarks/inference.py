@@ -57,11 +57,10 @@ def measure(quick: bool = False) -> dict:
     result = {
         "threads": threads, "provider": {"classifier": classifier.provider, "dehazer": dehazer.provider},
         "torch_models": {"classifier": classifier_torch.describe(), "dehazer": dehazer_torch.describe()},
-        "parity_max_abs_diff": {"classifier_probabilities": parity(classifier_torch, classifier.session, batches[32][0][:8]),
+        "parity_max_abs_diff": {"classifier_probabilities": parity(classifier_torch, classifier.session, batches[32][:8]),
                                 "dehazer_pixels": parity(dehazer_torch, dehazer.session, hazy[1])},
-        "classifier_prepare_ms_per_image": round(batches[32][1] * 1000, 2),
         "dehazer_image_size": [dehaze_height, dehaze_width],
-        "classifier": [compare(classifier, classifier_torch.model, batches[n][0], repeats[n] * (1 if quick else 5))
+        "classifier": [compare(classifier, classifier_torch.model, batches[n], repeats[n] * (1 if quick else 5))
                        for n in BATCH_SIZES],
         "dehazer": [compare(dehazer, dehazer_torch.model, hazy[n], repeats[n] * (1 if quick else 3))
                     for n in BATCH_SIZES],

@@ -98,7 +98,7 @@ def speed(task: str, files: dict[str, Path], threads: int, quick: bool) -> dict[
     contract, _ = load_contract(files["fp32"])
     input_name = contract["input"]["name"]
     if task == "classify":
-        inputs = {n: classifier_batch(n, contract["input"])[0] for n in (1, 32)}
+        inputs = {n: classifier_batch(n, contract["input"]) for n in (1, 32)}
     else:
         height, width = (104, 136) if quick else (413, 550)
         inputs = {1: dehazer_batch(1, height, width, int(contract["pad_multiple"]))}

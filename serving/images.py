@@ -6,6 +6,8 @@ so the resize rule recorded in a model's metadata is applied by the very same co
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +63,32 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 ENCODINGS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
 
 
+def _png(hwc: np.ndarray) -> bytes:
+    """PNG of an RGB uint8 HWC array: each row "Up"-filtered (PNG filter type 2) by NumPy, deflated at
+    zlib level 1. Half the time of Pillow's encoder at compress_level 1 (which picks a filter per row)
+    for about 4% more bytes on the course's dehazed photos (benchmarks/README.md)."""
+    height, width, _ = hwc.shape
+    rows = hwc.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG filters are
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1))
+            + chunk(b"IEND", b""))
+
+
 def encode(image: Image.Image | np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
     """Encode an RGB image (Pillow, or uint8 CHW array) as PNG or JPEG bytes."""
+    if fmt == "png":
+        hwc = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else image.transpose(1, 2, 0)
+        return _png(np.ascontiguousarray(hwc, dtype=np.uint8))
     if isinstance(image, np.ndarray):
         image = Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), "RGB")
-    name, _ = ENCODINGS[fmt]
     buffer = io.BytesIO()
-    if name == "PNG":
-        image.save(buffer, name, compress_level=1)  # 1: a quarter less time than 3 for ~4% more bytes
-    else:
-        image.save(buffer, name, quality=quality)
+    image.save(buffer, ENCODINGS[fmt][0], quality=quality)
     return buffer.getvalue()

@@ -160,3 +160,13 @@ def test_encode(fmt, name):
     assert decoded.format == name and decoded.size == (9, 7)
     if fmt == "png":
         assert np.array_equal(np.asarray(decoded).transpose(2, 0, 1), chw)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (137, 103)])
+def test_png_encoding_is_lossless_on_noise_and_photos(size):
+    """The service's own PNG writer (serving/images.py), read back by Pillow: every pixel, any size."""
+    noise = np.random.default_rng(0).integers(0, 256, (3, size[1], size[0]), dtype=np.uint8)
+    photo = open_rgb(sorted((SAMPLE / "dehaze" / "hazy").glob("*.jpg"))[0]).resize(size)
+    for image, expected in ((noise, noise.transpose(1, 2, 0)), (photo, np.asarray(photo))):
+        decoded = Image.open(io.BytesIO(encode(image, "png")))
+        assert decoded.format == "PNG" and decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), expected)
