@@ -83,6 +83,12 @@ def process_tree_cpu_seconds(pid: int | None) -> float:
     return total
 
 
+def machine_busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat: all but idle and iowait)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def observed_batches(info: dict, model: str = "classifier") -> collections.Counter:
     """Sizes of the service's onnxruntime runs so far (``/info``), as {batch size: runs}."""
     histogram = info.get("batching", {}).get(model, {}).get("observed", {}).get("histogram", {})

@@ -16,6 +16,8 @@ same cores with whatever else runs.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from . import ceiling, inference, training_step
 from .common import command_line, machine, save_result, service_settings, utc_now
@@ -56,7 +58,7 @@ def ratios(result: dict) -> list[dict]:
     fresh, after = burst["fresh"]["p50_ms"], burst["after_burst"]["p50_ms"]
 
     def errors(row: dict) -> str:
-        return str(row["errors"] or 0)
+        return f"{row['errors'] or 0}, other jobs' CPU {row.get('other_cpu_cores', '-')} cores"
 
     return [
         {"id": "P1", "what": f"served /classify at c={P1_CONCURRENCY} / in-process onnxruntime, batch 32",
@@ -123,10 +125,46 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """The README tables of a run: the goals, the in-process ceiling and the served sweeps."""
+    def cell(value) -> str:
+        return "-" if value is None else str(value)
+
+    lines = ["| | value | goal | met | from |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {row['id']} | {cell(row['value'])} | {row['goal']} | {'yes' if row['met'] else 'no'} | "
+              f"{row['what']}: {row['detail']} |" for row in result["ratios"]]
+    lines += ["", "| in process, 2 intra-op threads | before | after |", "| --- | --- | --- |"]
+    before, after = result["ceiling_before"], result["ceiling_after"]
+    for key, what in (("classifier_batch1_images_per_s", "classifier, batch 1 (img/s)"),
+                      ("classifier_batch32_images_per_s", "classifier, batch 32 (img/s)"),
+                      ("dehazer_megapixels_per_s", "dehazer 550x413, batch 1 (MP/s)")):
+        lines.append(f"| {what} | {before[key]} | {after[key]} |")
+    for key in before["request_costs_ms"]:
+        lines.append(f"| per request: {key.replace('_ms', '').replace('_', ' ')} (ms) | "
+                     f"{before['request_costs_ms'][key]} | {after['request_costs_ms'][key]} |")
+    for route in ("/classify", "/dehaze"):
+        rows = result["service"][route]
+        lines += ["", f"| `{route}` connections | " + " | ".join(str(r["concurrency"]) for r in rows) + " |",
+                  "| --- |" + " --- |" * len(rows),
+                  "| req/s | " + " | ".join(str(r["throughput_rps"]) for r in rows) + " |",
+                  "| p50 / p99 ms | " + " | ".join(f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}" for r in rows) + " |",
+                  "| mean batch | " + " | ".join(str(r.get("batch_sizes", {}).get("mean", "-")) for r in rows) + " |",
+                  "| CPU cores: server / wrk / others | " + " | ".join(
+                      f"{r['server_cpu_cores']} / {r['client_cpu_cores']} / {r.get('other_cpu_cores', '-')}"
+                      for r in rows) + " |"]
+        if route == "/dehaze":
+            lines.append("| MP/s | " + " | ".join(str(r["megapixels_per_s"]) for r in rows) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_arguments(parser)
+    parser.add_argument("--tables", type=Path, help="print the README tables of this run's JSON and stop")
     args = parser.parse_args()
+    if args.tables:
+        print(markdown(json.loads(args.tables.read_text())))
+        return
     apply_quick(args)
     ensure_wrk()
     result = {"date": utc_now(), "quick": args.quick, "command": command_line("benchmarks.run_all"),
@@ -172,6 +210,7 @@ def main() -> None:
     result["machine_after"] = machine()
     path = save_result("run_all", result, args.quick)
     print("\n" + report(result))
+    print("\n" + markdown(result))
     print("saved", path)
 
 

@@ -42,8 +42,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(arguments: list[str], env: dict[str, str] | None = None, ready_route: str = "/readyz",
-            start_timeout_s: float = 300, home: Path | None = None) -> Iterator[Running]:
-    """Run ``python <arguments...> --port <free port>`` from the repository root until the block ends.
+            start_timeout_s: float = 300, home: Path | None = None, cwd: Path = REPO) -> Iterator[Running]:
+    """Run ``python <arguments...> --port <free port>`` in ``cwd`` (the repository root) until the block ends.
 
     ``home`` (default: a temporary folder) is its BENTOML_HOME and holds its output, server.log,
     whose tail ends the ``ServerFailed`` raised if it exits or is not ready within ``start_timeout_s``.
@@ -57,7 +57,7 @@ def running(arguments: list[str], env: dict[str, str] | None = None, ready_route
         started = time.monotonic()
         with open(log, "wb") as out:
             process = subprocess.Popen([sys.executable, *arguments, "--host", "127.0.0.1", "--port", str(port)],
-                                       cwd=REPO, env={**os.environ, **QUIET, "BENTOML_HOME": str(home), **(env or {})},
+                                       cwd=cwd, env={**os.environ, **QUIET, "BENTOML_HOME": str(home), **(env or {})},
                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:

@@ -68,6 +68,8 @@ def format_row(row: dict) -> str:
     text = (f"{row['route']:<10} c={row['concurrency']:<3} {row['throughput_rps']:8.2f} req/s  "
             f"p50 {row['p50_ms']} {middle} {row[middle + '_ms']} p99 {row['p99_ms']} ms  errors {row['errors'] or 0}  "
             f"cpu server/client {row['server_cpu_cores']}/{row['client_cpu_cores']}")
+    if "other_cpu_cores" in row:
+        text += f"/other {row['other_cpu_cores']}"
     if "megapixels_per_s" in row:
         text += f"  {row['megapixels_per_s']} MP/s"
     if batches and batches["runs"]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from .common import batch_summary, observed_batches, process_tree_cpu_seconds
+from .common import batch_summary, machine_busy_cpu_seconds, observed_batches, process_tree_cpu_seconds
 from .load import Upload
 
 SCRIPT = Path(__file__).with_name("wrk_multipart.lua")
@@ -83,9 +83,10 @@ def measure(base_url: str, route: str, uploads: list[Upload], connections: int, 
     if warmup_s > 0:
         run_wrk(url, uploads, connections, warmup_s)
     before = _info(base_url)
-    server_cpu = process_tree_cpu_seconds(server_pid)
+    server_cpu, busy = process_tree_cpu_seconds(server_pid), machine_busy_cpu_seconds()
     run = run_wrk(url, uploads, connections, window_s)
     server_cpu = process_tree_cpu_seconds(server_pid) - server_cpu
+    busy = machine_busy_cpu_seconds() - busy
     after = _info(base_url)
     seconds = run["duration_us"] / 1e6
     statuses = {str(status): count for status, count in sorted(run["statuses"].items())}
@@ -101,6 +102,8 @@ def measure(base_url: str, route: str, uploads: list[Upload], connections: int, 
               "server_cpu_cores": round(server_cpu / run["wall_s"], 2) if server_pid else None}
     if result["server_cpu_cores"]:
         result["client_cpu_share"] = round(run["client_cpu_s"] / (run["client_cpu_s"] + server_cpu), 3)
+        # whatever else ran on the machine meanwhile (other jobs: the window was not measured on an idle machine)
+        result["other_cpu_cores"] = round(max(0.0, busy - server_cpu - run["client_cpu_s"]) / run["wall_s"], 2)
     if megapixels_per_request:
         result["megapixels_per_s"] = round(ok * megapixels_per_request / seconds, 3)
     if before is not None and after is not None:
