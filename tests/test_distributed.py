@@ -149,4 +149,4 @@ def test_a_failing_process_stops_the_others_with_its_error_shown(tmp_path, mlflo
     assert proc.returncode != 0
     assert "roadsight: error (rank 1): rank 1 fails in its first training step" in proc.stderr
     (run,) = mlflow.search_runs(experiment_names=["test-fail"], output_format="list")
-    assert run.info.status == "FAILED"  # rank 0 was told, not left waiting
+    assert run.info.status == "FAILED", proc.stderr  # rank 0 was told, not left waiting

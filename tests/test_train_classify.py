@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE, tiny_config
-from training import interrupts
+from training import interrupts, tracking
 from training.engine import train_classifier
 
 EXPECTED_EPOCH_METRICS = {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1",
@@ -235,3 +235,19 @@ def test_extra_data_joins_the_fitted_part_and_is_logged(tmp_path, mlflow_store, 
     assert run.data.params["data.extra"] == "9"
     extra = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/extra.txt").splitlines()
     assert len(extra) == 9 and all("other" in path for path in extra)
+
+
+def test_a_signal_while_a_failed_run_is_ended_leaves_it_failed(mlflow_store, monkeypatch, installed_interrupts):
+    # under torchrun, a process whose peer failed gets the peer's error and torchrun's SIGTERM together
+    end_run = mlflow.end_run
+
+    def end_run_under_sigterm(status):
+        signal.raise_signal(signal.SIGTERM)  # lands in the middle of the run's final writes
+        end_run(status)
+
+    monkeypatch.setattr(mlflow, "end_run", end_run_under_sigterm)
+    with pytest.raises(RuntimeError, match="peer failed"):
+        with tracking.tracked_run("test-signal-at-end"):
+            raise RuntimeError("peer failed")
+    (run,) = mlflow.search_runs(experiment_names=["test-signal-at-end"], output_format="list")
+    assert run.info.status == "FAILED"

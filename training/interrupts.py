@@ -53,12 +53,20 @@ def clear() -> None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Hold the first signal until the next ``raise_if_pending`` (at the latest, this block's end)."""
+def held() -> Iterator[None]:
+    """Hold the first signal through this block, and leave it pending: for ending an MLflow run,
+    which a KeyboardInterrupt must not cut short (the run would stay RUNNING)."""
     global _deferring
     _deferring += 1
     try:
         yield
     finally:
         _deferring -= 1
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold the first signal until the next ``raise_if_pending`` (at the latest, this block's end)."""
+    with held():
+        yield
     raise_if_pending()

@@ -45,13 +45,16 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         with interrupts.deferred():
             yield run
     except KeyboardInterrupt:
+        with interrupts.held():
+            mlflow.end_run("KILLED")
         interrupts.clear()
-        mlflow.end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        with interrupts.held():  # e.g. torchrun's SIGTERM right after another process failed
+            mlflow.end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    with interrupts.deferred():
+        mlflow.end_run("FINISHED")
 
 
 def log_params(params: dict[str, object]) -> None:
