@@ -76,7 +76,9 @@ def classifier_twin(models_dir: Path) -> Twin:
     config = contract["source"]["training_config"]
     spec = contract["input"]
     net, options = contract["source"]["net"], dict(contract["source"]["net_options"] or {})
-    if "pretrained" in model_options(net):  # the ONNX file has every weight: no ImageNet load needed
+    # The ONNX file has every weight: no ImageNet load needed, except to build an ImageNet prior head
+    # (the package's weights, then overwritten by the file's).
+    if "pretrained" in model_options(net) and not options.get("imagenet_prior"):
         options["pretrained"] = False
     classifier = build_classifier(net, len(contract["labels"]), (spec["height"], spec["width"]),
                                   config["normalization"], **options)

@@ -2,12 +2,13 @@
 
 Requests hand their prepared arrays to a ``Batcher`` and await the rows of the output. When the
 model is idle an array is run at once, as a batch of one: no wait is added for a batch to fill.
-While a run is in progress, arrays queue; the next run takes every queued array of the first one's
-shape (up to ``max_batch_size`` arrays and ``max_batch_cost``), so under load batches grow to what
-arrived during one run. Runs happen one at a time in a thread of the batcher's own (onnxruntime
-releases the GIL, so the event loop keeps parsing and answering requests meanwhile). The queue is
-bounded: an array that would take it over ``max_queued`` is refused with ``Overloaded`` instead of
-waiting longer than the client would.
+While the runs in progress take their time, arrays queue; the next run takes every queued array of
+the oldest one's shape (up to ``max_batch_size`` arrays and ``max_batch_cost``), so under load
+batches grow to what arrived during one run. Up to ``parallel`` runs go on at once, each in a thread
+of the batcher's own (onnxruntime releases the GIL, so the event loop keeps parsing and answering
+requests meanwhile); ``max_batch_cost`` bounds them together, so a memory bound per run stays the
+bound of the worker. The queue is bounded: an array that would take it over ``max_queued`` is
+refused with ``Overloaded`` instead of waiting longer than the client would.
 """
 from __future__ import annotations
 
@@ -63,20 +64,23 @@ class BatchStats:
 class Batcher:
     """Runs ``run`` (a stacked batch in, one output row per array out) on the arrays submitted.
 
-    ``cost(array)`` counts against ``max_batch_cost`` per run and ``max_queued`` in the queue (by
-    default one per array); an array whose cost alone exceeds ``max_batch_cost`` runs alone.
-    A request is never refused while the queue is empty, whatever its cost.
+    ``cost(array)`` counts against ``max_batch_cost`` across the runs in progress and against
+    ``max_queued`` in the queue (by default one per array); an array whose cost alone exceeds
+    ``max_batch_cost`` runs alone. A request is never refused while the queue is empty, whatever its cost.
     """
 
     def __init__(self, name: str, run: t.Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queued: int,
-                 cost: t.Callable[[np.ndarray], int] = lambda array: 1, max_batch_cost: int | None = None):
+                 cost: t.Callable[[np.ndarray], int] = lambda array: 1, max_batch_cost: int | None = None,
+                 parallel: int = 1):
         self.name, self._run = name, run
         self.max_batch_size, self.max_queued = max(1, max_batch_size), max_queued
         self._cost, self.max_batch_cost = cost, max_batch_cost
         self._queue: collections.deque[_Queued] = collections.deque()
         self._queued_cost = 0
-        self._runner: asyncio.Task | None = None
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"roadsight-{name}")
+        self.parallel = max(1, parallel)
+        self._runners = 0  # run loops going (at most ``parallel``)
+        self._running_cost = 0  # of the runs in progress
+        self._threads = concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix=f"roadsight-{name}")
         self.stats = BatchStats()
 
     @property
@@ -93,21 +97,30 @@ class Batcher:
         items = [_Queued(array, cost, loop.create_future()) for array, cost in zip(arrays, costs)]
         self._queue.extend(items)
         self._queued_cost += sum(costs)
-        if self._runner is None:
-            self._runner = loop.create_task(self._run_queue())
+        self._start_runner(loop)
         try:
             return list(await asyncio.gather(*(item.future for item in items)))
         finally:
             for item in items:  # a cancelled request leaves the queue without being run
                 item.future.cancel()
 
+    def _start_runner(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Another run loop, when arrays wait and fewer than ``parallel`` loops go on."""
+        if self._queue and self._runners < self.parallel:
+            self._runners += 1
+            loop.create_task(self._run_queue())
+
     def _take(self) -> list[_Queued]:
-        """The next batch: the oldest live array and every queued one of its shape that fits."""
+        """The next batch: the oldest live array and every queued one of its shape that fits what the
+        runs in progress leave of ``max_batch_cost``; nothing while the oldest does not fit."""
+        while self._queue and self._queue[0].future.done():  # its request went away
+            self._queued_cost -= self._queue.popleft().cost
+        budget = None if self.max_batch_cost is None else self.max_batch_cost - self._running_cost
+        if not self._queue or (budget is not None and self._running_cost and self._queue[0].cost > budget):
+            return []  # the oldest waits for the runs in progress, and nothing overtakes it
         batch: list[_Queued] = []
         kept: collections.deque[_Queued] = collections.deque()
-        budget = self.max_batch_cost
-        while self._queue:
-            item = self._queue.popleft()
+        for item in self._queue:
             if item.future.done():  # its request went away
                 self._queued_cost -= item.cost
                 continue
@@ -128,22 +141,27 @@ class Batcher:
         loop = asyncio.get_running_loop()
         try:
             while batch := self._take():
+                cost = sum(item.cost for item in batch)
+                self._running_cost += cost
                 self.stats.record(len(batch))
+                self._start_runner(loop)  # for what this batch left behind
                 try:
-                    outputs = await loop.run_in_executor(self._thread, self._stack_and_run, [i.array for i in batch])
+                    outputs = await loop.run_in_executor(self._threads, self._stack_and_run, [i.array for i in batch])
                 except Exception as exc:
                     for item in batch:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
+                finally:
+                    self._running_cost -= cost
                 for item, row in zip(batch, outputs):
                     if not item.future.done():
                         item.future.set_result(row)
         finally:
-            self._runner = None
+            self._runners -= 1
 
     def _stack_and_run(self, arrays: list[np.ndarray]) -> np.ndarray:
         return self._run(np.stack(arrays))  # in the batcher's thread: the copy holds up no request
 
     def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)

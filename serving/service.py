@@ -275,29 +275,36 @@ class Roadsight:
         self.max_dehaze_pixels = _env_int("ROADSIGHT_DEHAZE_MAX_PIXELS", processing.MAX_DEHAZE_PIXELS)
         self.models_dir = runtime.default_models_dir()
         self.cores = runtime.available_cores()
-        self.threads = _env_int("ROADSIGHT_INTRA_OP_THREADS", max(1, self.cores // max(1, WORKERS)))
+        cpu_runs, self.threads = runtime.cpu_layout(max(1, self.cores // max(1, WORKERS)),
+                                                    _env_int("ROADSIGHT_PARALLEL_RUNS", 0),
+                                                    _env_int("ROADSIGHT_INTRA_OP_THREADS", 0))
         preference = os.environ.get("ROADSIGHT_PROVIDER", "auto").strip().lower() or "auto"
         started = time.perf_counter()
         self.classifier = runtime.load_model(self.models_dir, "classify", self.threads, preference)
         self.dehazer = runtime.load_model(self.models_dir, "dehaze", self.threads, preference)
+        # A GPU runs one model's work at a time anyway: there, concurrent requests only batch.
+        self.parallel_runs = {model.task: cpu_runs if model.provider == "CPUExecutionProvider" else 1
+                              for model in (self.classifier, self.dehazer)}
         spec = self.classifier.contract["input"]
         self.labels = list(self.classifier.contract["labels"])
         self.tensor_shape = (3, int(spec["height"]), int(spec["width"]))
         self.pad_multiple = int(self.dehazer.contract.get("pad_multiple", 1))
         self.classify_batcher = Batcher("classifier", functools.partial(self._run, self.classifier),
-                                        MAX_BATCH_SIZE, MAX_QUEUE)
-        # A dehazer run holds at most the pixels of one largest image (the memory bound /dehaze always
-        # had), so same-size camera frames share runs and a 4-megapixel image runs alone.
+                                        MAX_BATCH_SIZE, MAX_QUEUE, parallel=self.parallel_runs["classify"])
+        # The dehazer's runs in progress hold at most the pixels of one largest image together (the
+        # memory bound /dehaze always had), so same-size camera frames share runs or run side by side
+        # and a 4-megapixel image runs alone.
         self.dehaze_max_queue_pixels = _env_int("ROADSIGHT_DEHAZE_MAX_QUEUE_PIXELS",
                                                 max(16_000_000, self.max_dehaze_pixels))
         self.dehaze_batcher = Batcher("dehazer", self._run_dehazer, MAX_BATCH_SIZE, self.dehaze_max_queue_pixels,
                                       cost=lambda pixels: pixels.shape[-2] * pixels.shape[-1],
-                                      max_batch_cost=self.max_dehaze_pixels)
+                                      max_batch_cost=self.max_dehaze_pixels, parallel=self.parallel_runs["dehaze"])
         self._warm_up()
-        log.info("roadsight: models from %s; classifier %s on %s, dehazer %s on %s; %d intra-op threads "
-                 "(%d cores / %d workers); batches of up to %d; ready in %.1f s", self.models_dir,
+        log.info("roadsight: models from %s; classifier %s on %s, dehazer %s on %s; runs at once %s of %d "
+                 "intra-op threads (%d cores / %d workers); batches of up to %d; ready in %.1f s", self.models_dir,
                  self.classifier.sha256[:12], self.classifier.provider, self.dehazer.sha256[:12],
-                 self.dehazer.provider, self.threads, self.cores, WORKERS, MAX_BATCH_SIZE, time.perf_counter() - started)
+                 self.dehazer.provider, self.parallel_runs, self.threads, self.cores, WORKERS, MAX_BATCH_SIZE,
+                 time.perf_counter() - started)
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -425,7 +432,7 @@ class Roadsight:
                        "max_decode_pixels": Image.MAX_IMAGE_PIXELS, "max_dehaze_pixels": self.max_dehaze_pixels,
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
-                        "intra_op_threads": self.threads},
+                        "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs},
             "batching": {
                 "max_batch_size": MAX_BATCH_SIZE,
                 "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,

@@ -142,6 +142,33 @@ def test_different_shapes_never_share_a_run_and_the_cost_budget_holds():
     asyncio.run(scenario())
 
 
+def test_parallel_runs_start_at_once_and_share_the_cost_budget():
+    """Two runs at once (the service's layout on the CPU): a request that finds one run in progress
+    starts the second at once; the cost budget bounds both together, and the oldest waiting array
+    is not overtaken by a smaller one that would fit."""
+    async def scenario():
+        gate = Gate()
+        gate.hold.set()
+        batcher = Batcher("test", gate, max_batch_size=32, max_queued=10_000,
+                          cost=lambda array: array.size, max_batch_cost=12, parallel=2)
+        first = asyncio.create_task(batcher.submit(arrays(1, shape=(2, 2))))  # 4 of the 12
+        await gate.running()
+        second = asyncio.create_task(batcher.submit(arrays(2, shape=(2, 3))))  # 6 more, beside it
+        await gate.running()
+        large = asyncio.create_task(batcher.submit(arrays(3, shape=(2, 4))))  # 8: only 2 left
+        small = asyncio.create_task(batcher.submit(arrays(4, shape=(1, 2))))  # 2 would fit
+        await asyncio.sleep(0.05)
+        assert gate.runs == [1, 1] and batcher.queued == 10  # both wait while the two runs hold 10
+        gate.hold.clear()
+        gate.release()
+        gate.release()
+        assert [await first, await second, await large, await small] == [[4], [12], [24], [8]]
+        assert gate.runs == [1, 1, 1, 1] and batcher.queued == 0
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_request_that_went_away_is_not_run():
     async def scenario():
         gate = Gate()

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import DEHAZE_LIMIT, SAMPLE, assert_same_pixels, expected_dehazed, expected_probabilities
+from serving import runtime
 from serving.images import open_rgb
 
 
@@ -42,7 +43,10 @@ def test_info_describes_models_provider_and_sizes(server, direct):
     assert info["input_sizes"]["classifier"] == {"height": contract["input"]["height"], "width": contract["input"]["width"]}
     assert info["batching"]["max_batch_size"] == 32 and info["batching"]["classifier"]["max_queue_images"] == 256
     assert info["batching"]["dehazer"]["max_batch_pixels"] == DEHAZE_LIMIT
-    assert info["runtime"]["intra_op_threads"] >= 1
+    layout = runtime.cpu_layout(info["runtime"]["cores"])
+    if info["provider"] == "CPUExecutionProvider":  # the rule of serving.runtime.cpu_layout
+        assert (info["runtime"]["parallel_runs"]["classify"], info["runtime"]["intra_op_threads"]) == layout
+    assert info["runtime"]["parallel_runs"]["dehaze"] >= 1
     assert httpx.get(server.url + "/livez").status_code == 200
     assert "bentoml" in httpx.get(server.url + "/metrics").text
 

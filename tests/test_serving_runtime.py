@@ -129,6 +129,15 @@ def test_cores_and_models_dir(monkeypatch, tmp_path):
     assert runtime.default_models_dir() == REPO / "models"
 
 
+def test_cpu_layout_runs_two_halves_by_default_and_takes_the_settings():
+    assert runtime.cpu_layout(1) == (1, 1)
+    assert runtime.cpu_layout(2) == (2, 1)  # this machine: two 1-thread runs side by side
+    assert runtime.cpu_layout(16) == (2, 8)
+    assert runtime.cpu_layout(2, parallel=1) == (1, 2)  # one run with both cores
+    assert runtime.cpu_layout(8, parallel=4) == (4, 2)
+    assert runtime.cpu_layout(8, parallel=3, threads=1) == (3, 1)
+
+
 def test_serving_never_imports_torch(standins):
     code = ("import sys; import serving.service as s; svc = s.Roadsight.inner(); "
             "assert svc.classifier.session and svc.dehazer.session; "
