@@ -28,6 +28,9 @@ CURVE_TITLES = {("tail", "train_loss"): "training loss (tail split's training pa
                 ("tail", "test_accuracy"): "tail-split test accuracy",
                 ("tail", "eval_psnr"): "PSNR on the evaluated test pairs (dB)"}
 PROVENANCE_TAGS = ("commit", "cpu", "cores")
+CAPTIONS = {"classify": "Cells: mean ± sd [95% t-interval] over seeds; curves: mean over seeds with a ± 1 sd band.",
+            "dehaze": "PSNR per whole test image at full resolution, 8-bit output: mean, spread and range over the "
+                      "test pairs; curves: mean over seeds with a ± 1 sd band."}
 GRID_WIDTH = 720  # px: comparison grids are photos, kept small as JPEG in the committed report
 
 
@@ -87,13 +90,17 @@ def _comparison_grids(client: mlflow.MlflowClient, rows: list[dict], out: Path, 
 
 
 def _seconds(rows: list[dict], setting: str) -> str:
-    values = [r["total_seconds"] for r in rows if r["setting"] == setting and "total_seconds" in r]
-    return f"{statistics.fmean(values):.0f}" if values else "-"
+    """Mean seconds per run, and in brackets its process CPU seconds (what pauses and a shared
+    machine do not inflate)."""
+    mine = [r for r in rows if r["setting"] == setting]
+    wall = [r["total_seconds"] for r in mine if "total_seconds" in r]
+    cpu = [r["cpu_seconds"] for r in mine if "cpu_seconds" in r]
+    return (f"{statistics.fmean(wall):.0f}" if wall else "-") + (f" ({statistics.fmean(cpu):.0f})" if cpu else "")
 
 
 def classify_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], list[list[str]]]:
     """Per setting, each measure as mean ± sd [95% CI] over seeds, and the mean seconds per run."""
-    header = ["setting", *(MEASURES[c] for c in CLASSIFY_COLUMNS), "s per run", "note"]
+    header = ["setting", *(MEASURES[c] for c in CLASSIFY_COLUMNS), "s per run (CPU s)", "note"]
     table = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         cells = []
@@ -106,7 +113,7 @@ def classify_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], 
 
 def dehaze_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], list[list[str]]]:
     """Per method, the PSNR spread over test images (averaged over seeds) and the mean SSIM."""
-    header = ["method", "PSNR mean (dB)", "sd per image", "median", "range", "SSIM", "s", "note"]
+    header = ["method", "PSNR mean (dB)", "sd per image", "median", "range", "SSIM", "s (CPU s)", "note"]
     table = []
     for setting in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == setting]
@@ -181,14 +188,14 @@ def build_report(out_dir: str | Path) -> Path:
                 f"{run.data.tags.get('quick')}), finished {_utc(run.info.end_time)}, commit {run.data.tags.get('commit')}; "
                 f"{len(rows)} rows, {reused} of them reused from earlier finished runs with the same options.")
         extra = dict(run.data.metrics)
-        md += [meta, "", "Cells: mean ± sd [95% t-interval] over seeds." if study.task == "classify" else "", "",
+        md += [meta, "", CAPTIONS[study.task], "",
                "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                *("| " + " | ".join(r) + " |" for r in table), "", f"![{name} curves]({image})", "",
                *(f"![{name}: hazy | output | clear]({g})" for g in grids), "",
                "**Conclusions.**", "", conclusion, ""]
         if extra:
             md += ["Measurements: " + ", ".join(f"{k} = {v:.3g}" for k, v in sorted(extra.items())), ""]
-        body += [f"<p>{html.escape(meta)}</p>",
+        body += [f"<p>{html.escape(meta)}</p>", f"<p>{html.escape(CAPTIONS[study.task])}</p>",
                  "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
                  *("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table), "</table>",
                  f'<p><img src="{image}" alt="{html.escape(name)} curves"></p>',
@@ -212,7 +219,8 @@ def build_report(out_dir: str | Path) -> Path:
     summary_md, summary_html = [], []
     for name, conclusion in conclusions.items():
         claims, within = survivors(conclusion)
-        head = f"{len(claims)} of {len(claims) + len(within)} comparisons beyond the noise"
+        head = (f"{len(claims)} of {len(claims) + len(within)} comparisons beyond the noise" if claims or within
+                else "one setting, no comparison (see its conclusions)")
         rest = [*claims, *([f"no measurable difference: {'; '.join(within)}."] if within else [])]
         summary_md.append(f"- **{name}**: {head}" + "".join(f"\n  - {line}" for line in rest))
         summary_html.append(f"<li><strong>{html.escape(name)}</strong>: {head}<ul>"
