@@ -93,8 +93,8 @@ def cpu_layout(cores: int, parallel: int = 0, threads: int = 0) -> tuple[int, in
     """How a worker with ``cores`` CPU cores runs each model on the CPU: (onnxruntime runs at once,
     intra-op threads of each run). ``parallel`` and ``threads`` override the choice when positive
     (ROADSIGHT_PARALLEL_RUNS, ROADSIGHT_INTRA_OP_THREADS). By default two runs of half the cores
-    each: on 2 cores, two 1-thread runs side by side served /classify and /dehaze 15-20% faster than
-    one 2-thread run, whose threads stall each other whenever request handling takes one of the
+    each: on 2 cores, two 1-thread runs side by side served /classify 4-15% and /dehaze 12-30% faster
+    than one 2-thread run, whose threads stall each other whenever request handling takes one of the
     cores (benchmarks/README.md)."""
     runs = parallel if parallel > 0 else min(2, cores)
     return runs, threads if threads > 0 else max(1, cores // runs)

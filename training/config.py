@@ -1,7 +1,9 @@
 """Run options, one place: the CLI builds its flags from these dataclasses and MLflow logs them.
 
-Defaults are the chosen recipe (see README, "Classifier recipe"); every field is a CLI flag
-(``--image-size``, ``--label-smoothing`` ...), help text included.
+Classifier defaults are the lab's from-scratch recipe (ResNet-18, 96 px, 30 epochs); the shipped
+classifier's recipe is a set of flags (README, "The shipped classifier", and
+``experiments.SHIPPED_RECIPE``). Every field is a CLI flag (``--image-size``, ``--label-smoothing``
+...), help text included.
 """
 from __future__ import annotations
 
