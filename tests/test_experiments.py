@@ -67,6 +67,15 @@ def test_a_difference_within_the_noise_is_not_a_claim():
     assert verdict("A", "B", same, "accuracy") == "A and B give identical accuracy (+0.000 in every one of n = 2 pairs)."
 
 
+def test_a_lower_loss_beats_and_a_rounding_level_difference_shows_its_size():
+    d = paired_difference({1: 0.30, 2: 0.32, 3: 0.31}, {1: 0.35, 2: 0.36, 3: 0.37})  # A's loss lower
+    assert verdict("A", "B", d, "loss", higher_is_better=False).startswith("A beats B on loss: -0.050")
+    assert verdict("B", "A", paired_difference({1: 0.35, 2: 0.36, 3: 0.37}, {1: 0.30, 2: 0.32, 3: 0.31}), "loss",
+                   higher_is_better=False).startswith("B trails A on loss: +0.050")
+    tiny = paired_difference({1: 0.5 - 2e-7, 2: 0.6 - 3e-7, 3: 0.7 - 2.5e-7}, {1: 0.5, 2: 0.6, 3: 0.7})
+    assert verdict("A", "B", tiny, "loss", higher_is_better=False).startswith("A beats B on loss: -2.5e-07 (95% CI -3")
+
+
 def test_conclusions_come_from_the_numbers():
     """alexnet is ahead of cnn by the same margin on every seed; mlp's lead flips sign between seeds."""
     cnn = {1: 0.70, 2: 0.74, 3: 0.72}

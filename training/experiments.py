@@ -61,7 +61,7 @@ MEASURES = {("random", "test_accuracy"): "in-distribution accuracy",
             ("tail", "test_accuracy_dark"): "tail-split night accuracy",
             ("tail", "test_accuracy_bright"): "tail-split day accuracy",
             ("tail", "train_accuracy"): "training accuracy (tail split's training part)",
-            ("tail", "train_loss"): "final training loss (tail split's training part)"}
+            ("tail", "train_loss"): "final training loss (tail split's training part; lower is better)"}
 ACCURACIES = (("random", "test_accuracy"), ("tail", "test_accuracy"))
 
 
@@ -90,7 +90,8 @@ def by_seed(rows: list[dict], setting: str, split: str, metric: str) -> dict[int
 
 def compare(rows: list[dict], a: str, b: str, measures=ACCURACIES) -> list[str]:
     """One verdict per measure: a against b, paired by seed."""
-    return ["- " + verdict(a, b, paired_difference(by_seed(rows, a, *m), by_seed(rows, b, *m)), MEASURES[m])
+    return ["- " + verdict(a, b, paired_difference(by_seed(rows, a, *m), by_seed(rows, b, *m)), MEASURES[m],
+                           higher_is_better=not m[1].endswith("loss"))
             for m in measures]
 
 

@@ -61,17 +61,26 @@ def paired_difference(a: dict[object, float], b: dict[object, float], confidence
     return t_interval([a[k] - b[k] for k in keys], confidence)
 
 
-def verdict(name_a: str, name_b: str, difference: Interval, what: str, digits: int = 3) -> str:
-    """One sentence: "A beats B" / "A trails B" only when the interval excludes zero."""
+def _signed(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or two significant digits when those would print 0.000
+    (a difference of float rounding must not read as zero, nor as a difference that matters)."""
+    return f"{value:+.{digits}f}" if value == 0 or abs(value) >= 10 ** -digits else f"{value:+.2g}"
+
+
+def verdict(name_a: str, name_b: str, difference: Interval, what: str, digits: int = 3,
+            higher_is_better: bool = True) -> str:
+    """One sentence: "A beats B" / "A trails B" only when the interval excludes zero. The
+    difference is A - B; for a measure where lower is better (a loss) a negative one beats."""
     d = difference
-    numbers = (f"{d.mean:+.{digits}f}" if d.n < 2 else
-               f"{d.mean:+.{digits}f} (95% CI {d.low:+.{digits}f} to {d.high:+.{digits}f}, n = {d.n} pairs)")
+    numbers = (_signed(d.mean, digits) if d.n < 2 else
+               f"{_signed(d.mean, digits)} (95% CI {_signed(d.low, digits)} to {_signed(d.high, digits)}, n = {d.n} pairs)")
     if d.n > 1 and d.sd == 0:
-        numbers = f"{d.mean:+.{digits}f} in every one of n = {d.n} pairs"
+        numbers = f"{_signed(d.mean, digits)} in every one of n = {d.n} pairs"
         if d.mean == 0:
             return f"{name_a} and {name_b} {IDENTICAL} {what} ({numbers})."
     if d.excludes_zero():
-        return f"{name_a} {'beats' if d.mean > 0 else 'trails'} {name_b} on {what}: {numbers}."
+        better = d.mean > 0 if higher_is_better else d.mean < 0
+        return f"{name_a} {'beats' if better else 'trails'} {name_b} on {what}: {numbers}."
     return f"{NO_DIFFERENCE} between {name_a} and {name_b} on {what} at n = {d.n}: {numbers}."
 
 
