@@ -7,8 +7,9 @@ the oldest one's shape (up to ``max_batch_size`` arrays and ``max_batch_cost``),
 batches grow to what arrived during one run. Up to ``parallel`` runs go on at once, each in a thread
 of the batcher's own (onnxruntime releases the GIL, so the event loop keeps parsing and answering
 requests meanwhile); ``max_batch_cost`` bounds them together, so a memory bound per run stays the
-bound of the worker. The queue is bounded: an array that would take it over ``max_queued`` is
-refused with ``Overloaded`` instead of waiting longer than the client would.
+bound of the worker, and ``max_run_cost`` bounds each (what one session's memory is laid out for).
+The queue is bounded: an array that would take it over ``max_queued`` is refused with ``Overloaded``
+instead of waiting longer than the client would.
 """
 from __future__ import annotations
 
@@ -64,17 +65,18 @@ class BatchStats:
 class Batcher:
     """Runs ``run`` (a stacked batch in, one output row per array out) on the arrays submitted.
 
-    ``cost(array)`` counts against ``max_batch_cost`` across the runs in progress and against
-    ``max_queued`` in the queue (by default one per array); an array whose cost alone exceeds
-    ``max_batch_cost`` runs alone. A request is never refused while the queue is empty, whatever its cost.
+    ``cost(array)`` counts against ``max_batch_cost`` across the runs in progress, against
+    ``max_run_cost`` within one run and against ``max_queued`` in the queue (by default one per array);
+    an array whose cost alone exceeds either runs alone. A request is never refused while the queue is
+    empty, whatever its cost.
     """
 
     def __init__(self, name: str, run: t.Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queued: int,
-                 cost: t.Callable[[np.ndarray], int] = lambda array: 1, max_batch_cost: int | None = None,
-                 parallel: int = 1):
+                 cost: t.Callable[[np.ndarray], int] = lambda array: 1,
+                 max_batch_cost: int | None = None, parallel: int = 1, max_run_cost: int | None = None):
         self.name, self._run = name, run
         self.max_batch_size, self.max_queued = max(1, max_batch_size), max_queued
-        self._cost, self.max_batch_cost = cost, max_batch_cost
+        self._cost, self.max_batch_cost, self.max_run_cost = cost, max_batch_cost, max_run_cost
         self._queue: collections.deque[_Queued] = collections.deque()
         self._queued_cost = 0
         self.parallel = max(1, parallel)
@@ -120,18 +122,22 @@ class Batcher:
             return []  # the oldest waits for the runs in progress, and nothing overtakes it
         batch: list[_Queued] = []
         kept: collections.deque[_Queued] = collections.deque()
+        run_budget = self.max_run_cost
         for item in self._queue:
             if item.future.done():  # its request went away
                 self._queued_cost -= item.cost
                 continue
             fits = len(batch) < self.max_batch_size and (
                 not batch or (item.array.shape == batch[0].array.shape
-                              and (budget is None or item.cost <= budget)))
+                              and (budget is None or item.cost <= budget)
+                              and (run_budget is None or item.cost <= run_budget)))
             if fits:
                 batch.append(item)
                 self._queued_cost -= item.cost
                 if budget is not None:
                     budget -= item.cost
+                if run_budget is not None:
+                    run_budget -= item.cost
             else:
                 kept.append(item)
         self._queue = kept

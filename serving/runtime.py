@@ -7,11 +7,14 @@ refuses to start instead of answering requests with a broken model.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +103,20 @@ def cpu_layout(cores: int, parallel: int = 0, threads: int = 0) -> tuple[int, in
     return runs, threads if threads > 0 else max(1, cores // runs)
 
 
+def limit_malloc_arenas(count: int = 2) -> bool:
+    """At most ``count`` glibc malloc arenas in this process from now on (mallopt M_ARENA_MAX), unless
+    MALLOC_ARENA_MAX says otherwise. glibc gives threads up to eight arenas per core, each keeping what
+    its threads freed: with the worker's request threads and its short-lived buffers (uploads, decoded
+    images, answers) resident memory crept upwards for minutes under load (the soak, benchmarks/README.md).
+    False where it was not applied (the variable set, or no glibc)."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-8, count) == 1  # -8: M_ARENA_MAX in glibc's malloc.h
+    except (OSError, AttributeError):
+        return False
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -180,7 +197,7 @@ def _provider_lists(preference: str, task: str) -> list[list]:
     return attempts
 
 
-def create_session(onnx_path: Path, task: str, threads: int, preference: str = "auto"):
+def create_session(onnx_path: Path, task: str, threads: int, preference: str = "auto", arena: bool = True):
     """An InferenceSession on the best usable provider and the provider's name.
 
     The GPU is used when a session created with CUDA (or TensorRT, when asked for) really runs on it,
@@ -205,6 +222,7 @@ def create_session(onnx_path: Path, task: str, threads: int, preference: str = "
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs: no busy-waiting
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena  # off: memory goes back to the system after each run
     last_error: Exception | None = None
     for providers in _provider_lists(preference, task):
         names = [p[0] if isinstance(p, tuple) else p for p in providers]
@@ -277,6 +295,70 @@ def load_model(models_dir: Path, task: str, threads: int, preference: str = "aut
     log.info("loaded %s (%s, sha256 %s) on %s with %d intra-op threads", onnx_path, contract.get("name"),
              digest[:12], provider, threads)
     return LoadedModel(task, json_path, onnx_path, contract, digest, session, provider, input_name, output_name)
+
+
+class SessionPool:
+    """A model's onnxruntime sessions, one per run that may go on at once (the batcher's ``parallel``).
+
+    An onnxruntime CPU session keeps a memory arena that grows to what its runs needed and keeps it.
+    Runs sharing one session interleave their allocations in one arena, which fragments, and a session
+    whose runs grow bit by bit adds region after region: under a varied load the worker's memory crept
+    upwards in steps for minutes (the soak, benchmarks/README.md). Here each run at once has its own
+    session, warmed up at start-up with the largest run it will get (``warm_up``), so its arena is laid
+    out once for every later run and the worker's memory is what it holds when ready. A run costing more
+    than ``max_run_cost`` (one image over the batcher's per-run bound) goes to ``spill``, a session
+    without an arena that hands its memory back when the run ends, so a rare large image leaves nothing
+    behind; it pays for fresh pages (about a quarter slower on this CPU), no other run does.
+    """
+
+    def __init__(self, model: LoadedModel, sessions: list, max_run_cost: int | None = None, spill=None):
+        if (max_run_cost is None) != (spill is None):
+            raise ValueError("max_run_cost and spill go together")
+        self.model = model
+        self.sessions = list(sessions)
+        self.max_run_cost, self.spill = max_run_cost, spill
+        self._idle = list(self.sessions)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lease(self, cost: int = 0):
+        """The session for one run of ``cost``, the caller's until the block ends. The most recently
+        used idle session comes first; a run over ``max_run_cost`` gets the spill session."""
+        if self.max_run_cost is not None and cost > self.max_run_cost:
+            yield self.spill
+            return
+        with self._lock:
+            if not self._idle:
+                raise RuntimeError(f"more runs at once than the {len(self.sessions)} sessions of this pool")
+            session = self._idle.pop()
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._idle.append(session)
+
+    def run(self, batch, cost: int = 0):
+        """The model's output for ``batch`` (of ``cost``), in whichever session is idle."""
+        with self.lease(cost) as session:
+            (output,) = session.run([self.model.output_name], {self.model.input_name: batch})
+            return output
+
+    def warm_up(self, batch) -> None:
+        """``batch`` through every pooled session: first-run set-up done, and each arena laid out for it."""
+        for session in self.sessions:
+            session.run([self.model.output_name], {self.model.input_name: batch})
+
+
+def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int | None = None) -> SessionPool:
+    """``runs`` sessions of ``model`` (its own and copies with the same options), and with
+    ``max_run_cost`` an arena-less spill session for runs above it. Runs side by side and arena
+    bounds are a CPU layout (a GPU runs one model's work at a time, in its own memory)."""
+    if (runs > 1 or max_run_cost is not None) and model.provider != "CPUExecutionProvider":
+        raise ModelError(f"{model.onnx_path.name} runs on {model.provider}: one pooled run at a time there")
+    copies = [create_session(model.onnx_path, model.task, threads, "cpu")[0] for _ in range(runs - 1)]
+    spill = (None if max_run_cost is None
+             else create_session(model.onnx_path, model.task, threads, "cpu", arena=False)[0])
+    return SessionPool(model, [model.session, *copies], max_run_cost, spill)
 
 
 def check_models(models_dir: Path) -> list[Path]:

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import time
 import typing as t
@@ -62,6 +63,9 @@ MAX_BATCH_SIZE = max(1, _env_int("ROADSIGHT_MAX_BATCH_SIZE", 32))  # 1: batching
 # Images waiting for the classifier per worker before requests are shed (503): 8 full batches,
 # about 2 s of work on 2 CPU cores; a client waits that long at most before its run starts.
 MAX_QUEUE = _env_int("ROADSIGHT_MAX_QUEUE", 256)
+# On the CPU, the most pixels one dehazer run takes (four 550x413 frames, a 720p one): batches give no
+# speed per pixel there, and each run at once keeps memory laid out for this many (~350 MB per megapixel).
+DEHAZE_RUN_PIXELS = 1_000_000
 TIMEOUT_S = _env_int("ROADSIGHT_TIMEOUT_S", 120)
 MAX_REQUEST_BYTES = _env_int("ROADSIGHT_MAX_REQUEST_BYTES", 64 * 2**20)
 UPLOAD_TIMEOUT_S = _env_int("ROADSIGHT_UPLOAD_TIMEOUT_S", 60)
@@ -270,6 +274,7 @@ class Roadsight:
     def __init__(self) -> None:
         from serving import runtime  # onnxruntime is imported here, in the worker, not at import time
 
+        runtime.limit_malloc_arenas()
         Image.MAX_IMAGE_PIXELS = _env_int("ROADSIGHT_MAX_DECODE_PIXELS", processing.MAX_DECODE_PIXELS)
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit is refused (413)
         self.max_dehaze_pixels = _env_int("ROADSIGHT_DEHAZE_MAX_PIXELS", processing.MAX_DEHAZE_PIXELS)
@@ -289,8 +294,17 @@ class Roadsight:
         self.labels = list(self.classifier.contract["labels"])
         self.tensor_shape = (3, int(spec["height"]), int(spec["width"]))
         self.pad_multiple = int(self.dehazer.contract.get("pad_multiple", 1))
-        self.classify_batcher = Batcher("classifier", functools.partial(self._run, self.classifier),
-                                        MAX_BATCH_SIZE, MAX_QUEUE, parallel=self.parallel_runs["classify"])
+        # A session per run at once, each laid out at start-up for the largest run it gets (runtime.SessionPool):
+        # a full batch for the classifier; for the dehazer on the CPU, batches of up to
+        # ROADSIGHT_DEHAZE_RUN_PIXELS, a larger image alone in an arena-less session.
+        on_cpu = self.dehazer.provider == "CPUExecutionProvider"
+        self.dehaze_run_pixels = min(self.max_dehaze_pixels, _env_int("ROADSIGHT_DEHAZE_RUN_PIXELS", DEHAZE_RUN_PIXELS)
+                                     if on_cpu else self.max_dehaze_pixels)
+        self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads)
+        self.dehazer_sessions = runtime.session_pool(self.dehazer, self.parallel_runs["dehaze"], self.threads,
+                                                     self.dehaze_run_pixels if on_cpu else None)
+        self.classify_batcher = Batcher("classifier", self.classifier_sessions.run, MAX_BATCH_SIZE, MAX_QUEUE,
+                                        parallel=self.parallel_runs["classify"])
         # The dehazer's runs in progress hold at most the pixels of one largest image together (the
         # memory bound /dehaze always had), so same-size camera frames share runs or run side by side
         # and a 4-megapixel image runs alone.
@@ -298,7 +312,8 @@ class Roadsight:
                                                 max(16_000_000, self.max_dehaze_pixels))
         self.dehaze_batcher = Batcher("dehazer", self._run_dehazer, MAX_BATCH_SIZE, self.dehaze_max_queue_pixels,
                                       cost=lambda pixels: pixels.shape[-2] * pixels.shape[-1],
-                                      max_batch_cost=self.max_dehaze_pixels, parallel=self.parallel_runs["dehaze"])
+                                      max_batch_cost=self.max_dehaze_pixels, parallel=self.parallel_runs["dehaze"],
+                                      max_run_cost=self.dehaze_run_pixels)
         self._warm_up()
         log.info("roadsight: models from %s; classifier %s on %s, dehazer %s on %s; runs at once %s of %d "
                  "intra-op threads (%d cores / %d workers); batches of up to %d; ready in %.1f s", self.models_dir,
@@ -321,12 +336,15 @@ class Roadsight:
                  ", ".join(path.name for path in checked))
 
     def _warm_up(self) -> None:
-        """A run of each model at the batch sizes requests bring first (one, and a full batch for the
-        classifier), so no request pays for onnxruntime's first-run set-up."""
+        """Every session through the largest run it will get (the classifier's full batch, the dehazer's
+        per-run pixels a little over, for shapes that round up inside the net), so its memory arena is laid
+        out once and no request pays for onnxruntime's first-run set-up; the classifier at batch 1 too."""
         for n in sorted({1, MAX_BATCH_SIZE}):
-            self._run(self.classifier, np.zeros((n, *self.tensor_shape), np.uint8))
-        side = self.pad_multiple * max(1, -(-64 // self.pad_multiple))
-        self._run_dehazer(np.zeros((1, 3, side, side), np.uint8))
+            self.classifier_sessions.warm_up(np.zeros((n, *self.tensor_shape), np.uint8))
+        side = self.pad_multiple * math.ceil(math.sqrt(1.05 * self.dehaze_run_pixels) / self.pad_multiple)
+        if self.dehazer_sessions.max_run_cost is None:  # on a GPU: no layout to set, only the set-up
+            side = self.pad_multiple * max(1, -(-64 // self.pad_multiple))
+        self.dehazer_sessions.warm_up(np.zeros((1, 3, side, side), np.float32))
 
     @bentoml.on_shutdown
     def _stop_batchers(self) -> None:
@@ -335,13 +353,8 @@ class Roadsight:
 
     # -- the models (called in the batchers' threads) --------------------------------------------
 
-    @staticmethod
-    def _run(model, batch: np.ndarray) -> np.ndarray:
-        (output,) = model.session.run([model.output_name], {model.input_name: batch})
-        return output
-
     def _run_dehazer(self, pixels: np.ndarray) -> np.ndarray:
-        return self._run(self.dehazer, processing.dehazer_scale(pixels))
+        return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size)
 
     # -- classification -------------------------------------------------------------------------
 
@@ -440,6 +453,7 @@ class Roadsight:
                 "dehazer": {"max_batch_pixels": self.max_dehaze_pixels,
                             "max_queue_pixels": self.dehaze_max_queue_pixels,
                             "queued_pixels": self.dehaze_batcher.queued,
+                            "max_run_pixels": self.dehaze_run_pixels,
                             "observed": self.dehaze_batcher.stats.snapshot()},
                 "note": "observed: sizes of this worker's onnxruntime runs since start-up"},
         }

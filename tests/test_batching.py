@@ -142,6 +142,23 @@ def test_different_shapes_never_share_a_run_and_the_cost_budget_holds():
     asyncio.run(scenario())
 
 
+def test_each_run_keeps_within_its_own_cost_bound_and_a_larger_array_runs_alone():
+    """The dehazer on the CPU: a run takes at most ``max_run_cost`` (what a session's memory is laid
+    out for), however much the budget across runs leaves; one array over it still runs, alone."""
+    async def scenario():
+        gate = Gate()
+        batcher = Batcher("test", gate, max_batch_size=32, max_queued=10_000,
+                          cost=lambda array: array.size, max_batch_cost=100, max_run_cost=8)
+        async with a_run_in_progress(batcher, gate):
+            small = [asyncio.create_task(batcher.submit(arrays(v, shape=(2, 2)))) for v in (1, 2, 3)]
+            large = asyncio.create_task(batcher.submit(arrays(5, shape=(3, 3))))
+        assert [await task for task in small] == [[4], [8], [12]] and await large == [45]
+        assert list(zip(gate.runs, gate.shapes)) == [(1, (2, 2)), (2, (2, 2)), (1, (2, 2)), (1, (3, 3))]
+        batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_parallel_runs_start_at_once_and_share_the_cost_budget():
     """Two runs at once (the service's layout on the CPU): a request that finds one run in progress
     starts the second at once; the cost budget bounds both together, and the oldest waiting array

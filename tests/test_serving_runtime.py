@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -146,3 +147,39 @@ def test_serving_never_imports_torch(standins):
     env = {**os.environ, "ROADSIGHT_MODELS_DIR": str(standins), "BENTOML_DO_NOT_TRACK": "true"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "torch-free" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_session_pool_gives_each_run_at_once_its_own_session_and_spills_large_runs(standins):
+    dehazer = runtime.load_model(standins, "dehaze", threads=1, preference="cpu")
+    pool = runtime.session_pool(dehazer, runs=2, threads=1, max_run_cost=100)
+    assert len(pool.sessions) == 2 and pool.sessions[0] is dehazer.session
+    with pool.lease(60) as first, pool.lease(100) as second:
+        assert first is not second and pool.spill not in (first, second)  # two runs at once, two arenas
+        with pytest.raises(RuntimeError, match="more runs at once than the 2 sessions"):
+            with pool.lease(1):
+                pass
+        with pool.lease(101) as large:  # over the per-run bound: the arena-less session, even now
+            assert large is pool.spill
+    with pool.lease(50) as session:
+        assert session is first  # the session idle last comes first: a light load keeps to one arena
+    hazy = np.random.default_rng(0).random((1, 3, 16, 24), dtype=np.float32)
+    expected = dehazer.session.run([dehazer.output_name], {dehazer.input_name: hazy})[0]
+    np.testing.assert_array_equal(pool.run(hazy, cost=10**6), expected)  # the spill session answers the same
+
+
+def test_pooled_runs_are_refused_on_a_gpu_session(standins):
+    classifier = runtime.load_model(standins, "classify", threads=1, preference="cpu")
+    classifier.provider = "CUDAExecutionProvider"  # as loaded on a GPU machine
+    with pytest.raises(ModelError, match="one pooled run at a time there"):
+        runtime.session_pool(classifier, runs=2, threads=1)
+
+
+def test_malloc_arenas_are_limited_unless_the_environment_says_otherwise():
+    script = "from serving import runtime; print(runtime.limit_malloc_arenas(2))"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    def applied(env):
+        return subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert applied(env) == "True"  # glibc (Linux): applied
+    assert applied({**env, "MALLOC_ARENA_MAX": "4"}) == "False"  # the operator's own setting stands
