@@ -97,6 +97,17 @@ def test_the_imagenet_prior_head_adds_the_grouped_imagenet_evidence_and_a_probe_
     assert torch.nn.functional.cross_entropy(head_logits(model, features[0]), labels) < prior_loss - 0.1
 
 
+def test_fine_tuning_leaves_the_imagenet_prior_as_imagenet_trained_it():
+    from training.engine import freeze_all_but_head
+
+    model = build_classifier("efficientnet_lite0", 3, (64, 64), "centered", imagenet_prior=1.0)
+    head = model.backbone.classifier
+    for frozen in (True, False):  # head-only epochs, then the whole network (LP-FT)
+        freeze_all_but_head(model, frozen=frozen)
+        assert head.fc.weight.requires_grad and not head.imagenet.weight.requires_grad
+        assert model.backbone.conv_stem.weight.requires_grad is not frozen
+
+
 def test_centered_normalisation_maps_uint8_to_minus_one_one():
     from training.nets.classifier import InputNormalization
 

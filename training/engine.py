@@ -54,9 +54,12 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def freeze_all_but_head(model: nn.Module, frozen: bool) -> None:
+    """Only the head trains (``frozen``) or everything does, except the parameters of modules marked
+    ``fixed`` (the ImageNet prior's rows), which no training step changes."""
     head = {id(p) for p in head_parameters(model)}
+    fixed = {id(p) for module in model.modules() if getattr(module, "fixed", False) for p in module.parameters()}
     for p in model.parameters():
-        p.requires_grad_(not frozen or id(p) in head)
+        p.requires_grad_(id(p) not in fixed and (not frozen or id(p) in head))
 
 
 def make_optimizer(cfg: ClassifyConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -50,6 +50,7 @@ class PriorHead(nn.Module):
         super().__init__()
         rows = sorted({i for members in groups for i in members})
         self.imagenet = nn.Linear(imagenet.in_features, len(rows)).requires_grad_(False)
+        self.imagenet.fixed = True  # fine-tuning the rest leaves it as ImageNet trained it (engine.freeze_all_but_head)
         with torch.no_grad():
             self.imagenet.weight.copy_(imagenet.weight[rows])
             self.imagenet.bias.copy_(imagenet.bias[rows])
