@@ -8,9 +8,8 @@ Passes (exit status 0) when every response is a 200 or the documented 503 back-p
 worker that started is the one still serving at the end, and the server's resident memory (all its
 processes) grew by at most --max-late-growth-mib over the second half of the measured part (the
 first half settles what the load needs beside what the worker laid out at start-up; a leak keeps
-growing). Prints status
-counts, p50/p95/p99 per route and resident memory before/after; writes benchmarks/results/soak.json
-with the memory samples.
+growing). Prints status counts, p50/p95/p99 per route and resident memory before/after; writes
+benchmarks/results/soak.json with the memory samples.
 """
 from __future__ import annotations
 

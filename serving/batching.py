@@ -114,30 +114,29 @@ class Batcher:
 
     def _take(self) -> list[_Queued]:
         """The next batch: the oldest live array and every queued one of its shape that fits what the
-        runs in progress leave of ``max_batch_cost``; nothing while the oldest does not fit."""
+        runs in progress leave of ``max_batch_cost`` and within ``max_run_cost``; nothing while the
+        oldest does not fit the first."""
         while self._queue and self._queue[0].future.done():  # its request went away
             self._queued_cost -= self._queue.popleft().cost
         budget = None if self.max_batch_cost is None else self.max_batch_cost - self._running_cost
         if not self._queue or (budget is not None and self._running_cost and self._queue[0].cost > budget):
             return []  # the oldest waits for the runs in progress, and nothing overtakes it
+        if self.max_run_cost is not None:
+            budget = self.max_run_cost if budget is None else min(budget, self.max_run_cost)
         batch: list[_Queued] = []
         kept: collections.deque[_Queued] = collections.deque()
-        run_budget = self.max_run_cost
         for item in self._queue:
             if item.future.done():  # its request went away
                 self._queued_cost -= item.cost
                 continue
             fits = len(batch) < self.max_batch_size and (
                 not batch or (item.array.shape == batch[0].array.shape
-                              and (budget is None or item.cost <= budget)
-                              and (run_budget is None or item.cost <= run_budget)))
+                              and (budget is None or item.cost <= budget)))
             if fits:
                 batch.append(item)
                 self._queued_cost -= item.cost
                 if budget is not None:
                     budget -= item.cost
-                if run_budget is not None:
-                    run_budget -= item.cost
             else:
                 kept.append(item)
         self._queue = kept

@@ -298,8 +298,8 @@ class Roadsight:
         # a full batch for the classifier; for the dehazer on the CPU, batches of up to
         # ROADSIGHT_DEHAZE_RUN_PIXELS, a larger image alone in an arena-less session.
         on_cpu = self.dehazer.provider == "CPUExecutionProvider"
-        self.dehaze_run_pixels = min(self.max_dehaze_pixels, _env_int("ROADSIGHT_DEHAZE_RUN_PIXELS", DEHAZE_RUN_PIXELS)
-                                     if on_cpu else self.max_dehaze_pixels)
+        run_pixels = _env_int("ROADSIGHT_DEHAZE_RUN_PIXELS", DEHAZE_RUN_PIXELS)
+        self.dehaze_run_pixels = min(self.max_dehaze_pixels, run_pixels) if on_cpu else self.max_dehaze_pixels
         self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads)
         self.dehazer_sessions = runtime.session_pool(self.dehazer, self.parallel_runs["dehaze"], self.threads,
                                                      self.dehaze_run_pixels if on_cpu else None)
@@ -341,9 +341,10 @@ class Roadsight:
         out once and no request pays for onnxruntime's first-run set-up; the classifier at batch 1 too."""
         for n in sorted({1, MAX_BATCH_SIZE}):
             self.classifier_sessions.warm_up(np.zeros((n, *self.tensor_shape), np.uint8))
-        side = self.pad_multiple * math.ceil(math.sqrt(1.05 * self.dehaze_run_pixels) / self.pad_multiple)
         if self.dehazer_sessions.max_run_cost is None:  # on a GPU: no layout to set, only the set-up
             side = self.pad_multiple * max(1, -(-64 // self.pad_multiple))
+        else:
+            side = self.pad_multiple * math.ceil(math.sqrt(1.05 * self.dehaze_run_pixels) / self.pad_multiple)
         self.dehazer_sessions.warm_up(np.zeros((1, 3, side, side), np.float32))
 
     @bentoml.on_shutdown
