@@ -10,11 +10,15 @@ from training.metrics import expected_calibration_error, reliability_bins
 from training.nets import build_classifier
 
 
+def _sample(size: int):
+    split = split_vehicles(SAMPLE / "vehicles")
+    images, _ = load_images(split.train[:10], (size, size))
+    return [s.path for s in split.train[:10]], torch.from_numpy(images)
+
+
 @pytest.fixture
 def sample_images():
-    split = split_vehicles(SAMPLE / "vehicles")
-    images, _ = load_images(split.train[:10], (32, 32))
-    return [s.path for s in split.train[:10]], torch.from_numpy(images)
+    return _sample(32)
 
 
 def _net(seed: int = 0):
@@ -69,20 +73,23 @@ def test_the_fitted_temperature_undoes_overconfidence():
     assert after < before / 2
 
 
-def test_the_imagenet_prior_head_adds_the_grouped_imagenet_evidence_and_a_probe_fits_around_it(sample_images):
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_the_imagenet_prior_head_adds_the_grouped_imagenet_evidence_and_a_probe_fits_around_it(variant):
     import timm
 
     from training.engine import fit_linear_probe
-    from training.nets.pretrained import IMAGENET_GROUPS, _imagenet_state
+    from training.nets.pretrained import IMAGENET_GROUPS, LITE_IMAGE_SIZES, _imagenet_state
 
-    _, images = sample_images
-    model = build_classifier("efficientnet_lite0", 3, (64, 64), "centered", imagenet_prior=1.0).eval()
+    _, images = _sample(64)  # at 32 px the larger variants' features are all zero: nothing to fit
+    name = f"efficientnet_lite{variant}"
+    assert timm.models.get_pretrained_cfg(name).input_size == (3, LITE_IMAGE_SIZES[variant], LITE_IMAGE_SIZES[variant])
+    model = build_classifier(name, 3, (64, 64), "centered", imagenet_prior=1.0).eval()
     head = model.backbone.classifier
     features = head_inputs(model, images, torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(head_logits(model, features[0]), model(images), rtol=1e-4, atol=1e-4)
-        imagenet = timm.create_model("efficientnet_lite0", pretrained=False)
-        imagenet.load_state_dict(_imagenet_state(0, imagenet.state_dict()))
+        imagenet = timm.create_model(name, pretrained=False)
+        imagenet.load_state_dict(_imagenet_state(variant, imagenet.state_dict()))
         probabilities = torch.softmax(imagenet.classifier(features[0]), 1)  # the full 1000-class ImageNet head
         grouped = torch.stack([probabilities[:, list(g)].sum(1) for g in IMAGENET_GROUPS.values()], 1)
         torch.testing.assert_close(torch.softmax(head.logit_offset(features[0]), 1), grouped / grouped.sum(1, keepdim=True),
