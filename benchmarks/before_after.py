@@ -10,14 +10,29 @@ Results go to benchmarks/results/before_after-<time>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .common import MODELS, REPO, command_line, machine, save_result, utc_now
 from .server import bentoml_serve
 from .serving_load import classify_uploads, format_row
 from .wrk import ensure_wrk, measure
+
+
+@contextlib.contextmanager
+def checkout(commit: str) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` in a temporary folder, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="roadsight-before-") as folder:
+        tree = Path(folder) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
 
 
 def windows(tree: Path) -> dict:
@@ -40,14 +55,8 @@ def main() -> None:
     args = parser.parse_args()
     ensure_wrk()
     result = {"date": utc_now(), "command": command_line("benchmarks.before_after"), "machine": machine()}
-    with tempfile.TemporaryDirectory(prefix="roadsight-before-") as folder:
-        tree = Path(folder) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), args.commit], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
-            result[f"before {args.commit}"] = windows(tree)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
+    with checkout(args.commit) as tree:
+        result[f"before {args.commit}"] = windows(tree)
     result["after"] = windows(REPO)
     result["machine_after"] = machine()
     print("saved", save_result("before_after", result))

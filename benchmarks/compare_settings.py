@@ -3,11 +3,14 @@ BentoML environment), all started before the first window, then rounds in which 
 one wrk window on the same route, the order rotating each round. This machine's speed drifts by 20%
 within minutes, so a difference counts only where it holds round after round: each variant's rate
 is reported per round and as a median, with its ratio to the first variant's rate in the same round
-(median and range), and the worker's CPU per request.
+(median and range), and the worker's CPU per request. ``--commit REV`` adds the service of an
+earlier commit with the default settings (a detached worktree, this checkout's environment and
+models/), so that a change is measured against what came before it in the same interleaved way.
 
     .venv/bin/python -m benchmarks.compare_settings --variant one-run ROADSIGHT_PARALLEL_RUNS=1
     .venv/bin/python -m benchmarks.compare_settings --route /dehaze --connections 4 \\
         --variant one-run ROADSIGHT_PARALLEL_RUNS=1
+    .venv/bin/python -m benchmarks.compare_settings --commit b13b2b0 --rounds 6
 
 The first variant is the service's defaults (``default``, no extra setting) unless ``--no-default``.
 Results go to benchmarks/results/compare_settings-<time>.json.
@@ -18,7 +21,8 @@ import argparse
 import contextlib
 import statistics
 
-from .common import command_line, machine, save_result, utc_now
+from .before_after import checkout
+from .common import MODELS, REPO, command_line, machine, save_result, utc_now
 from .server import bentoml_serve
 from .serving_load import classify_uploads, dehaze_uploads, format_row
 from .wrk import ensure_wrk, measure
@@ -35,6 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("NAME", "SETTING"),
                         help="a name and its NAME=VALUE environment settings (repeatable)")
+    parser.add_argument("--commit", action="append", default=[], metavar="REV",
+                        help="also the service of this earlier commit, default settings (repeatable)")
     parser.add_argument("--no-default", action="store_true", help="no `default` variant first")
     parser.add_argument("--route", default="/classify", choices=["/classify", "/dehaze"])
     parser.add_argument("--connections", type=int, default=32)
@@ -43,7 +49,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3, help="unmeasured seconds per server before round 1")
     args = parser.parse_args()
     variants = dict([("default", {})] * (not args.no_default) + [parse_variant(words) for words in args.variant])
-    if len(variants) < 2:
+    if len(variants) + len(args.commit) < 2:
         raise SystemExit("give at least two variants to compare")
     ensure_wrk()
     if args.route == "/dehaze":
@@ -53,10 +59,14 @@ def main() -> None:
     model = "dehazer" if args.route == "/dehaze" else "classifier"
     key = "megapixels_per_s" if megapixels else "throughput_rps"
     result = {"date": utc_now(), "command": command_line("benchmarks.compare_settings"), "machine": machine(),
-              "route": args.route, "connections": args.connections, "variants": variants, "rounds": []}
-    names = list(variants)
+              "route": args.route, "connections": args.connections, "variants": variants,
+              "commits": args.commit, "rounds": []}
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(bentoml_serve(env=env)) for name, env in variants.items()}
+        trees = {**{name: REPO for name in variants},
+                 **{f"commit-{rev}": stack.enter_context(checkout(rev)) for rev in args.commit}}
+        env_of = {**variants, **{name: {"ROADSIGHT_MODELS_DIR": str(MODELS)} for name in trees if name not in variants}}
+        names = list(trees)
+        servers = {name: stack.enter_context(bentoml_serve(env=env_of[name], cwd=trees[name])) for name in names}
         for name in names:
             measure(servers[name].url, args.route, uploads, args.connections, 0, args.warmup, servers[name].pid)
         for index in range(args.rounds):

@@ -19,15 +19,17 @@ RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB from any Pillow image: EXIF orientation applied; grayscale, palette,
-    RGBA/LA (composited on white), CMYK and 16-bit modes converted."""
-    image = ImageOps.exif_transpose(image)
+    RGBA/LA (composited on white), CMYK and 16-bit modes converted. The image is turned in place
+    (callers pass what they have just decoded), and an upright RGB image comes back as it is, not
+    copied twice."""
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257.0).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def open_rgb(source: str | Path | bytes) -> Image.Image:

@@ -10,8 +10,8 @@ Endpoints (multipart form uploads; errors are JSON ``{"error": ...}`` with a 4xx
 - ``GET /info``             models, versions (sha256), provider, input sizes, limits, observed batch sizes
 - ``GET /livez``, ``/readyz``, ``/metrics`` (BentoML's own), ``/`` (OpenAPI UI)
 
-Each request is parsed once by BentoML, decoded and resized in a thread, and its arrays go to the
-model's batcher (``serving/batching.py``) inside the same worker: concurrent requests share one
+Each request's form is parsed and checked once (``_RequestGuard``), its images decoded and resized in
+a thread, and their arrays go to the model's batcher (``serving/batching.py``) inside the same worker: concurrent requests share one
 onnxruntime run without a second request path, and an idle model runs a request at once.
 Everything the models need (labels, input size, resize rule, padding) comes from their JSON files
 (models/README.md). Settings come from ``ROADSIGHT_*`` environment variables, read when the module
@@ -82,13 +82,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
-def _upload_bytes(path: Path, what: str = "image") -> bytes:
-    """The uploaded file's bytes, refusing over-large uploads before reading them."""
-    size = path.stat().st_size
+def _refuse_large_upload(size: int) -> None:
     if size > processing.MAX_UPLOAD_BYTES:
-        raise processing.TooLarge(f"the uploaded {what} is {size / 2**20:.1f} MiB, over the "
+        raise processing.TooLarge(f"the uploaded image is {size / 2**20:.1f} MiB, over the "
                                   f"{processing.MAX_UPLOAD_BYTES / 2**20:.0f} MiB limit")
-    return path.read_bytes()
 
 
 async def _info_endpoint(request: Request) -> Response:
@@ -104,12 +101,16 @@ class _Form:
     spec: type  # the API's pydantic input model (BentoML's input_spec)
     files: frozenset[str]  # fields that take files
     lists: frozenset[str]  # fields that take several values
+    answer: str  # the service method that answers it, the uploads as bytes (Roadsight.<api>_from_bytes)
 
     @classmethod
     def of(cls, method) -> _Form:
         fields = method.input_spec.model_fields
+        answer = f"{method.name}_from_bytes"
+        if not callable(getattr(Roadsight.inner, answer, None)):
+            raise TypeError(f"API {method.name!r} has no {answer} method to answer its HTTP requests")
         return cls(method.input_spec, frozenset(method.input_spec.multipart_fields),
-                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list))
+                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list), answer)
 
     def example(self) -> str:
         return "curl " + " ".join(f"-F {name}=@photo.jpg" for name in sorted(self.files)) + " ..."
@@ -123,13 +124,16 @@ def _openapi() -> tuple[dict, dict[str, str]]:
 
 
 class _RequestGuard:
-    """ASGI middleware in front of BentoML's request handling. It serves the OpenAPI document that
-    says what the service really answers (``/docs.json``, serving/openapi.py) and answers, with a
-    JSON error, what BentoML's own request parsing would turn into a 500, a pydantic error list or a
-    silent guess: methods a documented path does not take (405 with ``Allow``), bodies over
-    ``max_bytes`` (413), uploads still incomplete after ``upload_timeout_s`` (408, before BentoML's
-    whole-request timeout answers 504), bodies that are not multipart/form-data (415, or 400 when
-    there is no body or JSON), malformed multipart bodies, unknown or missing form fields, a
+    """ASGI middleware in front of BentoML's request handling, inside its metrics, tracing, access log
+    and timeout. It serves the OpenAPI document that says what the service really answers
+    (``/docs.json``, serving/openapi.py), and it is the one request path of the APIs' multipart
+    forms: it reads and checks each form once and hands its values to the service's
+    ``<api>_from_bytes`` method (BentoML's own handling would parse it a second time, write every
+    upload to a temporary file and validate it again). It answers, with a JSON error, what BentoML's
+    own request parsing would turn into a 500, a pydantic error list or a silent guess: methods a
+    documented path does not take (405 with ``Allow``), bodies over ``max_bytes`` (413), uploads
+    still incomplete after ``upload_timeout_s`` (408, before BentoML's whole-request timeout answers
+    504), bodies that are not multipart/form-data (415, or 400 when there is no body or JSON), malformed multipart bodies, unknown or missing form fields, a
     single-value field sent twice, a file sent in a plain field or text in a file field, and values
     the API's input model refuses (400). Text in a file field is refused rather than fetched as a
     URL, so the service never makes outbound requests on a client's behalf."""
@@ -172,19 +176,26 @@ class _RequestGuard:
             return
         if isinstance(body, Response):
             return await body(scope, receive, send)
-        problem = await self._check_form(headers, body, form)
-        if problem:
-            return await _error(400, problem)(scope, receive, send)
-        replayed = False
+        values = await self._read_form(headers, body, form)
+        if isinstance(values, str):
+            return await _error(400, values)(scope, receive, send)
+        await (await self._answer(path, form, values))(scope, receive, send)
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+    @staticmethod
+    async def _answer(path: str, form: _Form, values: dict[str, t.Any]) -> Response:
+        service = bentoml.get_current_service()
+        if service is None:
+            return _error(503, "the service is still starting")
+        try:
+            result = await getattr(service, form.answer)(**values)
+        except Exception:
+            log.exception("answering %s failed", path)
+            return _error(500, f"{path} failed; see the server log")
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, list):
+            return JSONResponse([item.model_dump() for item in result])
+        return JSONResponse(result.model_dump())
     async def _receive_body(self, receive) -> bytes | JSONResponse | None:
         """The whole body, or the error for one over the size limit or too slow to arrive (a stalled
         upload would otherwise hold its connection until the whole-request timeout); None when the
@@ -208,11 +219,11 @@ class _RequestGuard:
         return _error(413, f"request body of {size / 2**20:.1f} MiB is over the {self.max_bytes / 2**20:.0f} MiB limit")
 
     @staticmethod
-    async def _check_form(headers, body: bytes, form: _Form) -> str | None:
-        """What is wrong with the multipart ``body`` for this API, or None. Values are read as BentoML
-        reads them (JSON where they parse) and validated by the API's own input model, strictly (as
-        documented: ``downscale`` is true or false, not 0 or "yes"), with a path standing in for
-        each file (no file is written), so BentoML's pydantic errors never reach a client."""
+    async def _read_form(headers, body: bytes, form: _Form) -> dict[str, t.Any] | str:
+        """The values of the multipart ``body`` for this API (each file's bytes), or what is wrong with
+        it. Values are read as BentoML reads them (JSON where they parse) and validated by the API's own
+        input model, strictly (as documented: ``downscale`` is true or false, not 0 or "yes"), with a
+        path standing in for each file, so BentoML's pydantic errors never reach a client."""
         from pydantic import ValidationError
         from starlette.datastructures import UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser
@@ -228,6 +239,7 @@ class _RequestGuard:
             return f"malformed multipart/form-data body: {exc or type(exc).__name__}"
         accepted = form.spec.model_fields
         values: dict[str, t.Any] = {}
+        stand_ins: dict[str, t.Any] = {}  # what the input model validates: a path for each file
         try:
             sent = collections.Counter(name for name, _ in parsed.multi_items())
             for name, value in parsed.multi_items():
@@ -240,23 +252,24 @@ class _RequestGuard:
                 if sent[name] > 1 and name not in form.lists:
                     return f"field {name!r} was sent {sent[name]} times; it takes one value"
                 if name in form.files:
-                    value = PurePath(value.filename or "upload")
-                    values[name] = [*values.get(name, []), value] if name in form.lists else value
+                    pairs = ((values, await value.read()), (stand_ins, PurePath(value.filename or "upload")))
                 else:
                     with contextlib.suppress(ValueError):  # BentoML reads plain values as JSON when they are
                         value = json.loads(value)
-                    values[name] = value
+                    pairs = ((values, value), (stand_ins, value))
+                for target, item in pairs:
+                    target[name] = [*target.get(name, []), item] if name in form.lists else item
         finally:
             await parsed.close()
         try:
-            form.spec.model_validate(values, strict=True)  # a boolean is true or false, as documented
+            form.spec.model_validate(stand_ins, strict=True)  # a boolean is true or false, as documented
         except ValidationError as exc:
             error = exc.errors()[0]
             name = ".".join(str(part) for part in error["loc"])
             if error["type"] == "missing":
                 return f"field {name!r} is missing (e.g. {form.example()})"
             return f"field {name!r}: {error['msg']}"
-        return None
+        return values
 
 
 _info_app = Starlette(routes=[Route("/info", _info_endpoint, methods=["GET"])])
@@ -358,10 +371,13 @@ class Roadsight:
         return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size)
 
     # -- classification -------------------------------------------------------------------------
+    # Each API has a ``<name>_from_bytes`` twin taking the uploads as bytes: HTTP requests reach it from
+    # the request guard, which has already parsed and checked the form (one parse, no temporary file
+    # per upload); the API methods themselves serve in-process callers (``Roadsight.inner()``).
 
-    def _prepare(self, path: Path) -> np.ndarray:
-        image = processing.decode_image(_upload_bytes(path))
-        return processing.classifier_input(image, self.classifier.contract["input"])
+    def _prepare(self, data: bytes) -> np.ndarray:
+        _refuse_large_upload(len(data))
+        return processing.classifier_input(processing.decode_image(data), self.classifier.contract["input"])
 
     async def _classify(self, arrays: list[np.ndarray]) -> list[Classification] | JSONResponse:
         try:
@@ -376,6 +392,9 @@ class Roadsight:
     @bentoml.api(route="/classify")
     async def classify(self, image: Path) -> Classification:
         """Classify one vehicle image (multipart field ``image``): bus, car or truck."""
+        return await self.classify_from_bytes(await anyio.Path(image).read_bytes())
+
+    async def classify_from_bytes(self, image: bytes) -> Classification | JSONResponse:
         try:
             chw = await anyio.to_thread.run_sync(self._prepare, image)
         except processing.InputError as exc:
@@ -387,19 +406,23 @@ class Roadsight:
     async def classify_batch(self, images: t.Annotated[list[Path], Field(min_length=1, max_length=MAX_BATCH_IMAGES)]
                              ) -> list[Classification]:
         """Classify several images sent in one request (repeat the multipart field ``images``, at most 64)."""
+        return await self.classify_batch_from_bytes([await anyio.Path(path).read_bytes() for path in images])
+
+    async def classify_batch_from_bytes(self, images: list[bytes]) -> list[Classification] | JSONResponse:
         arrays = []
-        for index, path in enumerate(images):
+        for index, data in enumerate(images):
             try:
-                arrays.append(await anyio.to_thread.run_sync(self._prepare, path))
+                arrays.append(await anyio.to_thread.run_sync(self._prepare, data))
             except processing.InputError as exc:
                 return _error(exc.status, f"field 'images', file {index}: {exc.message}", index=index)
         return await self._classify(arrays)
 
     # -- dehazing -------------------------------------------------------------------------------
 
-    def _prepare_dehaze(self, path: Path, downscale: bool) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    def _prepare_dehaze(self, data: bytes, downscale: bool) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
         """The padded pixels for the dehazer, the size to crop its output to, and the upload's size."""
-        image = processing.decode_image(_upload_bytes(path))
+        _refuse_large_upload(len(data))
+        image = processing.decode_image(data)
         original = image.size
         image = processing.fit_for_dehazing(image, self.max_dehaze_pixels, processing.MAX_DEHAZE_SIDE, downscale)
         return processing.dehazer_pixels(image, self.pad_multiple), image.size, original
@@ -414,6 +437,11 @@ class Roadsight:
         """Dehaze one image (multipart field ``image``); the result has the input's size, as PNG or
         (``format=jpeg``) JPEG. Inputs over the limit (4 megapixels, 4096 px a side by default) are
         refused with 413 unless ``downscale=true``, which shrinks them to fit first."""
+        return await self.dehaze_from_bytes(await anyio.Path(image).read_bytes(),
+                                            format, quality, downscale)
+
+    async def dehaze_from_bytes(self, image: bytes, format: str = "png", quality: int = 90,
+                                downscale: bool = False) -> Response:
         try:
             pixels, (width, height), original = await anyio.to_thread.run_sync(self._prepare_dehaze, image, downscale)
         except processing.InputError as exc:

@@ -82,6 +82,34 @@ def test_the_python_client_in_the_readme(server, direct):
     assert clear.format == "JPEG" and clear.size == Image.open(HAZY[0]).size
 
 
+def test_in_process_calls_answer_as_the_served_routes_do(server, direct, monkeypatch, tmp_path):
+    """The service used from Python without HTTP (``Roadsight.inner()``, its API methods called with
+    paths) gives the answers the routes give; a bad file is the same JSON 400."""
+    import asyncio
+
+    from serving.service import Roadsight
+
+    monkeypatch.setenv("ROADSIGHT_MODELS_DIR", str(server.models_dir))
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not an image")
+    service = Roadsight.inner()
+
+    async def calls():
+        return (await service.classify(image=VEHICLES[0]), await service.classify_batch(images=VEHICLES[:3]),
+                await service.dehaze(image=HAZY[0], format="jpeg", quality=85),
+                await service.classify(image=not_an_image))
+    try:
+        one, many, dehazed, refused = asyncio.run(calls())
+    finally:
+        service._stop_batchers()
+    assert one.model_dump() == server.post("/classify", **upload(VEHICLES[0])).json()
+    served = server.post("/classify_batch", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in VEHICLES[:3]])
+    assert [item.model_dump() for item in many] == served.json()
+    assert Image.open(io.BytesIO(dehazed.body)).size == Image.open(HAZY[0]).size
+    assert dehazed.headers["content-type"] == "image/jpeg"
+    assert refused.status_code == 400 and b"not an image" in refused.body
+
+
 def test_classify_batch_answers_in_order(server, direct):
     paths = VEHICLES[:7]
     response = server.post("/classify_batch", files=[("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
