@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import re
 from pathlib import Path
 
 import httpx
@@ -309,5 +310,9 @@ def test_bad_error_messages_say_what_was_wrong(server):
 def test_still_healthy_after_all_that(server):
     assert httpx.get(server.url + "/readyz").status_code == 200
     assert server.post("/classify", **upload(VEHICLES[-1])).status_code == 200
+    # the form routes are answered inside BentoML's metrics middleware: /metrics counts them
+    counted = re.search(r'bentoml_service_request_total\{endpoint="/classify",http_response_code="200"[^}]*\} (\S+)',
+                        httpx.get(server.url + "/metrics").text)
+    assert counted and float(counted.group(1)) >= 1
     log = server.log.read_text()
     assert "status=500" not in log and "status=503" not in log
