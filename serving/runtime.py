@@ -309,56 +309,76 @@ class SessionPool:
     than ``max_run_cost`` (one image over the batcher's per-run bound) goes to ``spill``, a session
     without an arena that hands its memory back when the run ends, so a rare large image leaves nothing
     behind; it pays for fresh pages (about a quarter slower on this CPU), no other run does.
+    The runs side by side have a share of the cores each, which an idle service does not need: a run of
+    one item that its caller says is ``alone`` (the only request being served) takes ``solo``, a session
+    with all of them, when no other run goes on, so a lone request is answered as fast as the CPU allows.
+    A run that starts meanwhile waits for it (one image's run) rather than share its cores.
     """
 
-    def __init__(self, model: LoadedModel, sessions: list, max_run_cost: int | None = None, spill=None):
+    def __init__(self, model: LoadedModel, sessions: list, max_run_cost: int | None = None, spill=None,
+                 solo=None):
         if (max_run_cost is None) != (spill is None):
             raise ValueError("max_run_cost and spill go together")
         self.model = model
         self.sessions = list(sessions)
-        self.max_run_cost, self.spill = max_run_cost, spill
+        self.max_run_cost, self.spill, self.solo = max_run_cost, spill, solo
         self._idle = list(self.sessions)
-        self._lock = threading.Lock()
+        self._solo_running = False
+        self._solo_done = threading.Condition()
 
     @contextlib.contextmanager
-    def lease(self, cost: int = 0):
-        """The session for one run of ``cost``, the caller's until the block ends. The most recently
-        used idle session comes first; a run over ``max_run_cost`` gets the spill session."""
+    def lease(self, cost: int = 0, items: int = 1, alone: bool = False):
+        """The session for one run of ``items`` costing ``cost``, the caller's until the block ends: the
+        solo session for one item ``alone`` while no other run goes on, else the most recently used idle
+        session; a run over ``max_run_cost`` gets the spill session."""
         if self.max_run_cost is not None and cost > self.max_run_cost:
             yield self.spill
             return
-        with self._lock:
-            if not self._idle:
+        with self._solo_done:
+            self._solo_done.wait_for(lambda: not self._solo_running)
+            if self.solo is not None and alone and items == 1 and len(self._idle) == len(self.sessions):
+                self._solo_running, session = True, self.solo
+            elif self._idle:
+                session = self._idle.pop()
+            else:
                 raise RuntimeError(f"more runs at once than the {len(self.sessions)} sessions of this pool")
-            session = self._idle.pop()
         try:
             yield session
         finally:
-            with self._lock:
-                self._idle.append(session)
+            with self._solo_done:
+                if session is self.solo:
+                    self._solo_running = False
+                    self._solo_done.notify_all()
+                else:
+                    self._idle.append(session)
 
-    def run(self, batch, cost: int = 0):
-        """The model's output for ``batch`` (of ``cost``), in whichever session is idle."""
-        with self.lease(cost) as session:
+    def run(self, batch, cost: int = 0, alone: bool = False):
+        """The model's output for ``batch`` (of ``cost``), in the session ``lease`` gives."""
+        with self.lease(cost, len(batch), alone) as session:
             (output,) = session.run([self.model.output_name], {self.model.input_name: batch})
             return output
 
     def warm_up(self, batch) -> None:
-        """``batch`` through every pooled session: first-run set-up done, and each arena laid out for it."""
-        for session in self.sessions:
+        """``batch`` through every pooled session (and the solo one, for a batch of one): first-run
+        set-up done, and each arena laid out for it."""
+        for session in self.sessions + ([self.solo] if self.solo is not None and len(batch) == 1 else []):
             session.run([self.model.output_name], {self.model.input_name: batch})
 
 
-def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int | None = None) -> SessionPool:
-    """``runs`` sessions of ``model`` (its own and copies with the same options), and with
-    ``max_run_cost`` an arena-less spill session for runs above it. Runs side by side and arena
+def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int | None = None,
+                 solo_threads: int | None = None) -> SessionPool:
+    """``runs`` sessions of ``model`` (its own and copies with the same options); with
+    ``max_run_cost`` an arena-less spill session for runs above it; with ``solo_threads`` (more than
+    ``threads``) a session of that many threads for a lone run of one item. Runs side by side and arena
     bounds are a CPU layout (a GPU runs one model's work at a time, in its own memory)."""
     if (runs > 1 or max_run_cost is not None) and model.provider != "CPUExecutionProvider":
         raise ModelError(f"{model.onnx_path.name} runs on {model.provider}: one pooled run at a time there")
     copies = [create_session(model.onnx_path, model.task, threads, "cpu")[0] for _ in range(runs - 1)]
     spill = (None if max_run_cost is None
              else create_session(model.onnx_path, model.task, threads, "cpu", arena=False)[0])
-    return SessionPool(model, [model.session, *copies], max_run_cost, spill)
+    solo = (create_session(model.onnx_path, model.task, solo_threads, "cpu")[0]
+            if solo_threads and solo_threads > threads else None)
+    return SessionPool(model, [model.session, *copies], max_run_cost, spill, solo)
 
 
 def check_models(models_dir: Path) -> list[Path]:

@@ -101,16 +101,16 @@ class _Form:
     spec: type  # the API's pydantic input model (BentoML's input_spec)
     files: frozenset[str]  # fields that take files
     lists: frozenset[str]  # fields that take several values
-    answer: str  # the service method that answers it, the uploads as bytes (Roadsight.<api>_from_bytes)
+    handler: str  # the service method that answers it, the uploads as bytes (Roadsight.<api>_from_bytes)
 
     @classmethod
     def of(cls, method) -> _Form:
         fields = method.input_spec.model_fields
-        answer = f"{method.name}_from_bytes"
-        if not callable(getattr(Roadsight.inner, answer, None)):
-            raise TypeError(f"API {method.name!r} has no {answer} method to answer its HTTP requests")
+        handler = f"{method.name}_from_bytes"
+        if not callable(getattr(Roadsight.inner, handler, None)):
+            raise TypeError(f"API {method.name!r} has no {handler} method to answer its HTTP requests")
         return cls(method.input_spec, frozenset(method.input_spec.multipart_fields),
-                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list), answer)
+                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list), handler)
 
     def example(self) -> str:
         return "curl " + " ".join(f"-F {name}=@photo.jpg" for name in sorted(self.files)) + " ..."
@@ -187,7 +187,7 @@ class _RequestGuard:
         if service is None:
             return _error(503, "the service is still starting")
         try:
-            result = await getattr(service, form.answer)(**values)
+            result = await service.answer(form.handler, values)
         except Exception:
             log.exception("answering %s failed", path)
             return _error(500, f"{path} failed; see the server log")
@@ -293,8 +293,8 @@ class Roadsight:
         self.max_dehaze_pixels = _env_int("ROADSIGHT_DEHAZE_MAX_PIXELS", processing.MAX_DEHAZE_PIXELS)
         self.models_dir = runtime.default_models_dir()
         self.cores = runtime.available_cores()
-        cpu_runs, self.threads = runtime.cpu_layout(max(1, self.cores // max(1, WORKERS)),
-                                                    _env_int("ROADSIGHT_PARALLEL_RUNS", 0),
+        worker_cores = max(1, self.cores // max(1, WORKERS))
+        cpu_runs, self.threads = runtime.cpu_layout(worker_cores, _env_int("ROADSIGHT_PARALLEL_RUNS", 0),
                                                     _env_int("ROADSIGHT_INTRA_OP_THREADS", 0))
         preference = os.environ.get("ROADSIGHT_PROVIDER", "auto").strip().lower() or "auto"
         started = time.perf_counter()
@@ -313,10 +313,15 @@ class Roadsight:
         on_cpu = self.dehazer.provider == "CPUExecutionProvider"
         run_pixels = _env_int("ROADSIGHT_DEHAZE_RUN_PIXELS", DEHAZE_RUN_PIXELS)
         self.dehaze_run_pixels = min(self.max_dehaze_pixels, run_pixels) if on_cpu else self.max_dehaze_pixels
-        self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads)
+        # A request alone in the worker runs its image with all the worker's cores (runtime.SessionPool's
+        # solo session): on 2 cores, 8.5 ms where a 1-thread run takes 14.3 (benchmarks/README.md).
+        self.solo_threads = worker_cores if self.classifier.provider == "CPUExecutionProvider" else None
+        self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads,
+                                                        solo_threads=self.solo_threads)
         self.dehazer_sessions = runtime.session_pool(self.dehazer, self.parallel_runs["dehaze"], self.threads,
                                                      self.dehaze_run_pixels if on_cpu else None)
-        self.classify_batcher = Batcher("classifier", self.classifier_sessions.run, MAX_BATCH_SIZE, MAX_QUEUE,
+        self.requests_in_flight = 0  # form requests being answered (answer)
+        self.classify_batcher = Batcher("classifier", self._run_classifier, MAX_BATCH_SIZE, MAX_QUEUE,
                                         parallel=self.parallel_runs["classify"])
         # The dehazer's runs in progress hold at most the pixels of one largest image together (the
         # memory bound /dehaze always had), so same-size camera frames share runs or run side by side
@@ -367,8 +372,21 @@ class Roadsight:
 
     # -- the models (called in the batchers' threads) --------------------------------------------
 
+    def _run_classifier(self, images: np.ndarray) -> np.ndarray:
+        return self.classifier_sessions.run(images, alone=self.requests_in_flight <= 1)
+
     def _run_dehazer(self, pixels: np.ndarray) -> np.ndarray:
         return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size)
+
+    async def answer(self, method: str, values: dict[str, t.Any]) -> t.Any:
+        """The request guard's way in: ``method`` (an ``<api>_from_bytes``) on a checked form's values,
+        counted among the requests in flight, so that a request alone in the worker runs on every core
+        (_run_classifier) and one among others leaves the cores to the runs side by side."""
+        self.requests_in_flight += 1
+        try:
+            return await getattr(self, method)(**values)
+        finally:
+            self.requests_in_flight -= 1
 
     # -- classification -------------------------------------------------------------------------
     # Each API has a ``<name>_from_bytes`` twin taking the uploads as bytes: HTTP requests reach it from
@@ -474,7 +492,8 @@ class Roadsight:
                        "max_decode_pixels": Image.MAX_IMAGE_PIXELS, "max_dehaze_pixels": self.max_dehaze_pixels,
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
-                        "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs},
+                        "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs,
+                        "lone_classifier_run_threads": self.solo_threads if self.classifier_sessions.solo is not None else None},
             "batching": {
                 "max_batch_size": MAX_BATCH_SIZE,
                 "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -165,6 +166,41 @@ def test_a_session_pool_gives_each_run_at_once_its_own_session_and_spills_large_
     hazy = np.random.default_rng(0).random((1, 3, 16, 24), dtype=np.float32)
     expected = dehazer.session.run([dehazer.output_name], {dehazer.input_name: hazy})[0]
     np.testing.assert_array_equal(pool.run(hazy, cost=10**6), expected)  # the spill session answers the same
+
+
+def test_a_lone_run_of_one_item_gets_the_solo_session_with_every_core(standins):
+    classifier = runtime.load_model(standins, "classify", threads=1, preference="cpu")
+    pool = runtime.session_pool(classifier, runs=2, threads=1, solo_threads=2)
+    assert pool.solo is not None and pool.solo not in pool.sessions
+    leased, waiting = [], threading.Event()
+
+    def second_run():
+        waiting.set()
+        with pool.lease(items=1, alone=True) as session:
+            leased.append(session)
+
+    with pool.lease(items=1) as shared:
+        assert shared in pool.sessions  # a request among others: a share of the cores
+    with pool.lease(items=1, alone=True) as lone:
+        assert lone is pool.solo
+        beside = threading.Thread(target=second_run)
+        beside.start()
+        waiting.wait()
+        beside.join(0.2)
+        assert beside.is_alive() and not leased  # a run beside the solo one waits for its cores
+    beside.join(5)
+    assert leased == [pool.solo]  # then it is the lone run
+    with pool.lease(items=2) as batch:
+        assert batch in pool.sessions  # batches come from load: the cores are shared out
+        with pool.lease(items=1, alone=True) as beside:
+            assert beside in pool.sessions and beside is not batch
+    with pool.lease(items=1, alone=True) as again:
+        assert again is pool.solo  # given back
+    image = np.random.default_rng(0).integers(0, 255, (1, 3, *classifier.session.get_inputs()[0].shape[2:]),
+                                              dtype=np.uint8)
+    expected = classifier.session.run([classifier.output_name], {classifier.input_name: image})[0]
+    np.testing.assert_allclose(pool.run(image, alone=True), expected, atol=1e-6)  # the solo session answers the same
+    assert runtime.session_pool(classifier, runs=2, threads=1, solo_threads=1).solo is None  # no more cores
 
 
 def test_pooled_runs_are_refused_on_a_gpu_session(standins):
