@@ -11,8 +11,9 @@ Endpoints (multipart form uploads; errors are JSON ``{"error": ...}`` with a 4xx
 - ``GET /livez``, ``/readyz``, ``/metrics`` (BentoML's own), ``/`` (OpenAPI UI)
 
 Each request's form is parsed and checked once (``_RequestGuard``), its images decoded and resized in
-a thread, and their arrays go to the model's batcher (``serving/batching.py``) inside the same worker: concurrent requests share one
-onnxruntime run without a second request path, and an idle model runs a request at once.
+a thread, and their arrays go to the model's batcher (``serving/batching.py``) inside the same
+worker: concurrent requests share one onnxruntime run without a second request path, an idle model
+runs a request at once, and a request alone in the worker has every core for its image.
 Everything the models need (labels, input size, resize rule, padding) comes from their JSON files
 (models/README.md). Settings come from ``ROADSIGHT_*`` environment variables, read when the module
 is imported (see README "Serving").
@@ -109,8 +110,8 @@ class _Form:
         handler = f"{method.name}_from_bytes"
         if not callable(getattr(Roadsight.inner, handler, None)):
             raise TypeError(f"API {method.name!r} has no {handler} method to answer its HTTP requests")
-        return cls(method.input_spec, frozenset(method.input_spec.multipart_fields),
-                   frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list), handler)
+        lists = frozenset(name for name, field in fields.items() if t.get_origin(field.annotation) is list)
+        return cls(method.input_spec, frozenset(method.input_spec.multipart_fields), lists, handler)
 
     def example(self) -> str:
         return "curl " + " ".join(f"-F {name}=@photo.jpg" for name in sorted(self.files)) + " ..."
@@ -133,10 +134,11 @@ class _RequestGuard:
     own request parsing would turn into a 500, a pydantic error list or a silent guess: methods a
     documented path does not take (405 with ``Allow``), bodies over ``max_bytes`` (413), uploads
     still incomplete after ``upload_timeout_s`` (408, before BentoML's whole-request timeout answers
-    504), bodies that are not multipart/form-data (415, or 400 when there is no body or JSON), malformed multipart bodies, unknown or missing form fields, a
-    single-value field sent twice, a file sent in a plain field or text in a file field, and values
-    the API's input model refuses (400). Text in a file field is refused rather than fetched as a
-    URL, so the service never makes outbound requests on a client's behalf."""
+    504), bodies that are not multipart/form-data (415, or 400 when there is no body or JSON),
+    malformed multipart bodies, unknown or missing form fields, a single-value field sent twice, a file
+    sent in a plain field or text in a file field, and values the API's input model refuses (400).
+    Text in a file field is refused rather than fetched as a URL, so the service never makes outbound
+    requests on a client's behalf."""
 
     def __init__(self, app, max_bytes: int, upload_timeout_s: float):
         self.app, self.max_bytes, self.upload_timeout_s = app, max_bytes, upload_timeout_s
@@ -196,6 +198,7 @@ class _RequestGuard:
         if isinstance(result, list):
             return JSONResponse([item.model_dump() for item in result])
         return JSONResponse(result.model_dump())
+
     async def _receive_body(self, receive) -> bytes | JSONResponse | None:
         """The whole body, or the error for one over the size limit or too slow to arrive (a stalled
         upload would otherwise hold its connection until the whole-request timeout); None when the
@@ -493,7 +496,8 @@ class Roadsight:
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
                         "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs,
-                        "lone_classifier_run_threads": self.solo_threads if self.classifier_sessions.solo is not None else None},
+                        "lone_classifier_run_threads":
+                            None if self.classifier_sessions.solo is None else self.solo_threads},
             "batching": {
                 "max_batch_size": MAX_BATCH_SIZE,
                 "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,
