@@ -311,8 +311,9 @@ class SessionPool:
     behind; it pays for fresh pages (about a quarter slower on this CPU), no other run does.
     The runs side by side have a share of the cores each, which an idle service does not need: a run of
     one item that its caller says is ``alone`` (the only request being served) takes ``solo``, a session
-    with all of them, when no other run goes on, so a lone request is answered as fast as the CPU allows.
-    A run that starts meanwhile waits for it (one image's run) rather than share its cores.
+    with all of them, when no other run goes on, so a lone request is answered as fast as the CPU allows
+    (in a pool with ``max_run_cost`` it has no arena either, and takes a lone image of any size). A run
+    that starts meanwhile waits for it (one image's run) rather than share its cores.
     """
 
     def __init__(self, model: LoadedModel, sessions: list, max_run_cost: int | None = None, spill=None,
@@ -329,15 +330,14 @@ class SessionPool:
     @contextlib.contextmanager
     def lease(self, cost: int = 0, items: int = 1, alone: bool = False):
         """The session for one run of ``items`` costing ``cost``, the caller's until the block ends: the
-        solo session for one item ``alone`` while no other run goes on, else the most recently used idle
-        session; a run over ``max_run_cost`` gets the spill session."""
-        if self.max_run_cost is not None and cost > self.max_run_cost:
-            yield self.spill
-            return
+        solo session for one item ``alone`` while no other run goes on, else the spill session for a run
+        over ``max_run_cost``, else the most recently used idle session."""
         with self._solo_done:
             self._solo_done.wait_for(lambda: not self._solo_running)
             if self.solo is not None and alone and items == 1 and len(self._idle) == len(self.sessions):
                 self._solo_running, session = True, self.solo
+            elif self.max_run_cost is not None and cost > self.max_run_cost:
+                session = self.spill
             elif self._idle:
                 session = self._idle.pop()
             else:
@@ -349,7 +349,7 @@ class SessionPool:
                 if session is self.solo:
                     self._solo_running = False
                     self._solo_done.notify_all()
-                else:
+                elif session is not self.spill:
                     self._idle.append(session)
 
     def run(self, batch, cost: int = 0, alone: bool = False):
@@ -369,14 +369,15 @@ def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int 
                  solo_threads: int | None = None) -> SessionPool:
     """``runs`` sessions of ``model`` (its own and copies with the same options); with
     ``max_run_cost`` an arena-less spill session for runs above it; with ``solo_threads`` (more than
-    ``threads``) a session of that many threads for a lone run of one item. Runs side by side and arena
+    ``threads``) a session of that many threads for a lone run of one item (arena-less too where runs
+    are bounded, so that it holds no memory between lone requests). Runs side by side and arena
     bounds are a CPU layout (a GPU runs one model's work at a time, in its own memory)."""
     if (runs > 1 or max_run_cost is not None) and model.provider != "CPUExecutionProvider":
         raise ModelError(f"{model.onnx_path.name} runs on {model.provider}: one pooled run at a time there")
     copies = [create_session(model.onnx_path, model.task, threads, "cpu")[0] for _ in range(runs - 1)]
     spill = (None if max_run_cost is None
              else create_session(model.onnx_path, model.task, threads, "cpu", arena=False)[0])
-    solo = (create_session(model.onnx_path, model.task, solo_threads, "cpu")[0]
+    solo = (create_session(model.onnx_path, model.task, solo_threads, "cpu", arena=max_run_cost is None)[0]
             if solo_threads and solo_threads > threads else None)
     return SessionPool(model, [model.session, *copies], max_run_cost, spill, solo)
 

@@ -317,12 +317,15 @@ class Roadsight:
         run_pixels = _env_int("ROADSIGHT_DEHAZE_RUN_PIXELS", DEHAZE_RUN_PIXELS)
         self.dehaze_run_pixels = min(self.max_dehaze_pixels, run_pixels) if on_cpu else self.max_dehaze_pixels
         # A request alone in the worker runs its image with all the worker's cores (runtime.SessionPool's
-        # solo session): on 2 cores, 8.5 ms where a 1-thread run takes 14.3 (benchmarks/README.md).
-        self.solo_threads = worker_cores if self.classifier.provider == "CPUExecutionProvider" else None
+        # solo session): on 2 cores, classifying takes 8.5 ms where a 1-thread run takes 14.3, and dehazing
+        # a 550x413 photo 106-109 ms (arena-less) where it takes 160-166 (benchmarks/README.md).
+        self.solo_threads = {model.task: worker_cores if model.provider == "CPUExecutionProvider" else None
+                             for model in (self.classifier, self.dehazer)}
         self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads,
-                                                        solo_threads=self.solo_threads)
+                                                        solo_threads=self.solo_threads["classify"])
         self.dehazer_sessions = runtime.session_pool(self.dehazer, self.parallel_runs["dehaze"], self.threads,
-                                                     self.dehaze_run_pixels if on_cpu else None)
+                                                     self.dehaze_run_pixels if on_cpu else None,
+                                                     solo_threads=self.solo_threads["dehaze"])
         self.requests_in_flight = 0  # form requests being answered (answer)
         self.classify_batcher = Batcher("classifier", self._run_classifier, MAX_BATCH_SIZE, MAX_QUEUE,
                                         parallel=self.parallel_runs["classify"])
@@ -379,12 +382,13 @@ class Roadsight:
         return self.classifier_sessions.run(images, alone=self.requests_in_flight <= 1)
 
     def _run_dehazer(self, pixels: np.ndarray) -> np.ndarray:
-        return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size)
+        return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size,
+                                         alone=self.requests_in_flight <= 1)
 
     async def answer(self, method: str, values: dict[str, t.Any]) -> t.Any:
         """The request guard's way in: ``method`` (an ``<api>_from_bytes``) on a checked form's values,
         counted among the requests in flight, so that a request alone in the worker runs on every core
-        (_run_classifier) and one among others leaves the cores to the runs side by side."""
+        (_run_classifier, _run_dehazer) and one among others leaves the cores to the runs side by side."""
         self.requests_in_flight += 1
         try:
             return await getattr(self, method)(**values)
@@ -496,8 +500,9 @@ class Roadsight:
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
                         "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs,
-                        "lone_classifier_run_threads":
-                            None if self.classifier_sessions.solo is None else self.solo_threads},
+                        "lone_run_threads": {
+                            task: None if pool.solo is None else self.solo_threads[task]
+                            for task, pool in (("classify", self.classifier_sessions), ("dehaze", self.dehazer_sessions))}},
             "batching": {
                 "max_batch_size": MAX_BATCH_SIZE,
                 "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,

@@ -47,8 +47,9 @@ def test_info_describes_models_provider_and_sizes(server, direct):
     layout = runtime.cpu_layout(info["runtime"]["cores"])
     if info["provider"] == "CPUExecutionProvider":  # the rule of serving.runtime.cpu_layout
         assert (info["runtime"]["parallel_runs"]["classify"], info["runtime"]["intra_op_threads"]) == layout
-        lone = info["runtime"]["lone_classifier_run_threads"]  # a lone image runs on every core of the worker
-        assert lone == (info["runtime"]["cores"] if info["runtime"]["cores"] > layout[1] else None)
+        lone = info["runtime"]["lone_run_threads"]  # a lone request's image runs on every core of the worker
+        assert lone == dict.fromkeys(("classify", "dehaze"),
+                                     info["runtime"]["cores"] if info["runtime"]["cores"] > layout[1] else None)
     assert info["runtime"]["parallel_runs"]["dehaze"] >= 1
     assert httpx.get(server.url + "/livez").status_code == 200
     assert "bentoml" in httpx.get(server.url + "/metrics").text

@@ -203,6 +203,19 @@ def test_a_lone_run_of_one_item_gets_the_solo_session_with_every_core(standins):
     assert runtime.session_pool(classifier, runs=2, threads=1, solo_threads=1).solo is None  # no more cores
 
 
+def test_a_bounded_pool_has_an_arena_less_solo_session_for_a_lone_image_of_any_size(standins):
+    dehazer = runtime.load_model(standins, "dehaze", threads=1, preference="cpu")
+    pool = runtime.session_pool(dehazer, runs=2, threads=1, max_run_cost=100, solo_threads=2)
+    assert not pool.solo.get_session_options().enable_cpu_mem_arena  # holds no memory between lone requests
+    assert pool.sessions[0].get_session_options().enable_cpu_mem_arena
+    with pool.lease(cost=500, alone=True) as lone:
+        assert lone is pool.solo  # over the per-run bound, but alone: every core
+    with pool.lease(cost=500) as shared:
+        assert shared is pool.spill  # among other requests: the 1-thread spill session, as before
+    with pool.lease(cost=50) as pooled:
+        assert pooled in pool.sessions
+
+
 def test_pooled_runs_are_refused_on_a_gpu_session(standins):
     classifier = runtime.load_model(standins, "classify", threads=1, preference="cpu")
     classifier.provider = "CUDAExecutionProvider"  # as loaded on a GPU machine
