@@ -352,6 +352,11 @@ class SessionPool:
                 elif session is not self.spill:
                     self._idle.append(session)
 
+    @property
+    def solo_threads(self) -> int | None:
+        """The solo session's intra-op threads; None without one."""
+        return None if self.solo is None else self.solo.get_session_options().intra_op_num_threads
+
     def run(self, batch, cost: int = 0, alone: bool = False):
         """The model's output for ``batch`` (of ``cost``), in the session ``lease`` gives."""
         with self.lease(cost, len(batch), alone) as session:
@@ -370,15 +375,17 @@ def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int 
     """``runs`` sessions of ``model`` (its own and copies with the same options); with
     ``max_run_cost`` an arena-less spill session for runs above it; with ``solo_threads`` (more than
     ``threads``) a session of that many threads for a lone run of one item (arena-less too where runs
-    are bounded, so that it holds no memory between lone requests). Runs side by side and arena
-    bounds are a CPU layout (a GPU runs one model's work at a time, in its own memory)."""
+    are bounded, so that it holds no memory between lone requests). Runs side by side, arena bounds
+    and the solo session are a CPU layout (a GPU runs one model's work at a time, in its own memory):
+    on a GPU a pool takes one run and has no solo session."""
     if (runs > 1 or max_run_cost is not None) and model.provider != "CPUExecutionProvider":
         raise ModelError(f"{model.onnx_path.name} runs on {model.provider}: one pooled run at a time there")
     copies = [create_session(model.onnx_path, model.task, threads, "cpu")[0] for _ in range(runs - 1)]
     spill = (None if max_run_cost is None
              else create_session(model.onnx_path, model.task, threads, "cpu", arena=False)[0])
+    on_cpu = model.provider == "CPUExecutionProvider"
     solo = (create_session(model.onnx_path, model.task, solo_threads, "cpu", arena=max_run_cost is None)[0]
-            if solo_threads and solo_threads > threads else None)
+            if on_cpu and solo_threads and solo_threads > threads else None)
     return SessionPool(model, [model.session, *copies], max_run_cost, spill, solo)
 
 

@@ -319,13 +319,11 @@ class Roadsight:
         # A request alone in the worker runs its image with all the worker's cores (runtime.SessionPool's
         # solo session): on 2 cores, classifying takes 8.5 ms where a 1-thread run takes 14.3, and dehazing
         # a 550x413 photo 106-109 ms (arena-less) where it takes 160-166 (benchmarks/README.md).
-        self.solo_threads = {model.task: worker_cores if model.provider == "CPUExecutionProvider" else None
-                             for model in (self.classifier, self.dehazer)}
         self.classifier_sessions = runtime.session_pool(self.classifier, self.parallel_runs["classify"], self.threads,
-                                                        solo_threads=self.solo_threads["classify"])
+                                                        solo_threads=worker_cores)
         self.dehazer_sessions = runtime.session_pool(self.dehazer, self.parallel_runs["dehaze"], self.threads,
                                                      self.dehaze_run_pixels if on_cpu else None,
-                                                     solo_threads=self.solo_threads["dehaze"])
+                                                     solo_threads=worker_cores)
         self.requests_in_flight = 0  # form requests being answered (answer)
         self.classify_batcher = Batcher("classifier", self._run_classifier, MAX_BATCH_SIZE, MAX_QUEUE,
                                         parallel=self.parallel_runs["classify"])
@@ -378,12 +376,17 @@ class Roadsight:
 
     # -- the models (called in the batchers' threads) --------------------------------------------
 
+    @property
+    def _alone(self) -> bool:
+        """No other form request is being answered: a run may take every core (runtime.SessionPool)."""
+        return self.requests_in_flight <= 1
+
     def _run_classifier(self, images: np.ndarray) -> np.ndarray:
-        return self.classifier_sessions.run(images, alone=self.requests_in_flight <= 1)
+        return self.classifier_sessions.run(images, alone=self._alone)
 
     def _run_dehazer(self, pixels: np.ndarray) -> np.ndarray:
         return self.dehazer_sessions.run(processing.dehazer_scale(pixels), cost=pixels[:, 0].size,
-                                         alone=self.requests_in_flight <= 1)
+                                         alone=self._alone)
 
     async def answer(self, method: str, values: dict[str, t.Any]) -> t.Any:
         """The request guard's way in: ``method`` (an ``<api>_from_bytes``) on a checked form's values,
@@ -500,9 +503,8 @@ class Roadsight:
                        "max_dehaze_side": processing.MAX_DEHAZE_SIDE, "max_batch_images": MAX_BATCH_IMAGES},
             "runtime": {"workers": WORKERS, "worker_pid": os.getpid(), "cores": self.cores,
                         "intra_op_threads": self.threads, "parallel_runs": self.parallel_runs,
-                        "lone_run_threads": {
-                            task: None if pool.solo is None else self.solo_threads[task]
-                            for task, pool in (("classify", self.classifier_sessions), ("dehaze", self.dehazer_sessions))}},
+                        "lone_run_threads": {"classify": self.classifier_sessions.solo_threads,
+                                             "dehaze": self.dehazer_sessions.solo_threads}},
             "batching": {
                 "max_batch_size": MAX_BATCH_SIZE,
                 "classifier": {"max_queue_images": MAX_QUEUE, "queued_images": self.classify_batcher.queued,

@@ -221,6 +221,7 @@ def test_pooled_runs_are_refused_on_a_gpu_session(standins):
     classifier.provider = "CUDAExecutionProvider"  # as loaded on a GPU machine
     with pytest.raises(ModelError, match="one pooled run at a time there"):
         runtime.session_pool(classifier, runs=2, threads=1)
+    assert runtime.session_pool(classifier, runs=1, threads=1, solo_threads=2).solo is None  # no cores to share out
 
 
 def test_malloc_arenas_are_limited_unless_the_environment_says_otherwise():
