@@ -124,6 +124,25 @@ def _openapi() -> tuple[dict, dict[str, str]]:
     return spec, openapi.allowed_methods(spec)
 
 
+def _with_service_headers(send):
+    """``send`` adding to a response the headers BentoML's API handler gives its answers (``Server``,
+    ``X-BentoML-Request-ID``: the request's span, as in BentoML's access log), for the answers the
+    request guard gives in its place."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.context import trace_context
+
+    headers = [(b"server", f"BentoML Service/{Roadsight.name}".encode())]
+    if trace_context.request_id is not None:
+        span_format = BentoMLContainer.logging_formatting.get()["span_id"]
+        headers.append((b"x-bentoml-request-id", format(trace_context.request_id, span_format).encode()))
+
+    async def stamped(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
+        await send(message)
+    return stamped
+
+
 class _RequestGuard:
     """ASGI middleware in front of BentoML's request handling, inside its metrics, tracing, access log
     and timeout. It serves the OpenAPI document that says what the service really answers
@@ -151,6 +170,11 @@ class _RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        await self._guard(scope, receive, send, _with_service_headers(send))
+
+    async def _guard(self, scope, receive, pass_on, send):
+        """Answers through ``send`` (BentoML's response headers added) or passes the request on to
+        BentoML's app, which answers through ``pass_on`` with its own."""
         path, method = scope["path"], scope["method"]
         document, allowed = _openapi()
         if path == "/docs.json" and method in ("GET", "HEAD"):
@@ -160,7 +184,7 @@ class _RequestGuard:
                                 headers={"Allow": allowed[path]})(scope, receive, send)
         form = self._forms().get(path)
         if form is None:
-            return await self.app(scope, receive, send)
+            return await self.app(scope, receive, pass_on)
         from starlette.datastructures import Headers
 
         headers = Headers(scope=scope)

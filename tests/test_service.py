@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -308,6 +309,21 @@ def test_bad_error_messages_say_what_was_wrong(server):
     assert server.post("/classify_batch", **BAD_REQUESTS["batch-one-bad"][1]).json()["index"] == 1
     assert "at most 64 items" in server.post("/classify_batch", **BAD_REQUESTS["batch-too-many"][1]).json()["error"]
     assert httpx.get(server.url + "/classify").status_code == 405
+
+
+def test_guarded_answers_carry_bentomls_response_headers(server):
+    """The request guard answers the form routes in BentoML's place, with the headers its handler gives:
+    ``Server`` and a request ID (the request's span, as the access log writes it), one per request."""
+    answers = [server.post("/classify", **upload(VEHICLES[0])), server.post("/classify", **upload(VEHICLES[0])),
+               server.post("/classify", **BAD_REQUESTS["not-an-image"][1]), httpx.get(server.url + "/classify")]
+    assert [a.status_code for a in answers] == [200, 200, 400, 405]
+    assert {a.headers["server"] for a in answers} == {"BentoML Service/roadsight"}
+    ids = [a.headers["x-bentoml-request-id"] for a in answers]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids), ids
+    deadline = time.monotonic() + 10  # the access log line is written as the answer goes out
+    while f"span={ids[2]}" not in server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert re.search(rf"path=/classify,.*status=400.*span={ids[2]}", server.log.read_text())
 
 
 def test_still_healthy_after_all_that(server):
