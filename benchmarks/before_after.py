@@ -10,29 +10,12 @@ Results go to benchmarks/results/before_after-<time>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from .common import MODELS, REPO, command_line, machine, save_result, utc_now
+from .common import MODELS, REPO, checkout, command_line, machine, save_result, utc_now
 from .server import bentoml_serve
 from .serving_load import classify_uploads, format_row
 from .wrk import ensure_wrk, measure
-
-
-@contextlib.contextmanager
-def checkout(commit: str) -> Iterator[Path]:
-    """A detached git worktree of ``commit`` in a temporary folder, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="roadsight-before-") as folder:
-        tree = Path(folder) / "before"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
-            yield tree
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
 
 
 def windows(tree: Path) -> dict:

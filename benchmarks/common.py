@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +34,19 @@ def vehicle_images(count: int) -> list[Path]:
     paths = sorted(data_root("vehicles").glob("*/*.jpg"))
     step = max(1, len(paths) // count)
     return paths[::step][:count]
+
+
+@contextlib.contextmanager
+def checkout(commit: str) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` in a temporary folder, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="roadsight-before-") as folder:
+        tree = Path(folder) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
 
 
 def machine() -> dict:

@@ -21,8 +21,7 @@ import argparse
 import contextlib
 import statistics
 
-from .before_after import checkout
-from .common import MODELS, REPO, command_line, machine, save_result, utc_now
+from .common import MODELS, REPO, checkout, command_line, machine, save_result, utc_now
 from .server import bentoml_serve
 from .serving_load import classify_uploads, dehaze_uploads, format_row
 from .wrk import ensure_wrk, measure
