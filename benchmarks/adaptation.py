@@ -2,12 +2,13 @@
 
 From a pool of labelled images the shipped recipe never saw (the tail test split; the other-source
 folder), draw k images per class (k = 5, 10, 20; 5 seeded draws), add them to the recipe's fitted part
-exactly as ``--extra-data`` does (after the lighting balance of the course images), refit the head,
-and score the **rest** of the pool. k = 0 is the shipped recipe itself, scored on the same rest, so
+exactly as ``--extra-data`` does (after the lighting balance of the course images, carrying
+``--extra-share`` of the fit: ``--share`` here, default the CLI's), refit the head, and score the
+**rest** of the pool. k = 0 is the shipped recipe itself, scored on the same rest, so
 every gain is paired. The recipe is read from models/vehicle_classifier.json (``source.training_config``)
 and must have a frozen backbone (``epochs`` 0), the case where a refit takes seconds.
 
-    .venv/bin/python -m benchmarks.adaptation [--ks 5 10 20] [--draws 5] [--threads 2]
+    .venv/bin/python -m benchmarks.adaptation [--ks 5 10 20] [--draws 5] [--share 0.5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from training.nets import build_classifier
 from .common import FULL_DATA, MODELS, command_line, machine, save_result, utc_now
 
 
-def shipped_recipe(feature_cache: str) -> ClassifyConfig:
+def shipped_recipe(feature_cache: str, extra_share: float) -> ClassifyConfig:
     contract = json.loads((MODELS / "vehicle_classifier.json").read_text())
     known = {f.name for f in dataclasses.fields(ClassifyConfig)}
     options = {k: v for k, v in contract["source"]["training_config"].items() if k in known}
-    cfg = ClassifyConfig(**{**options, "data": str(FULL_DATA / "vehicles"), "feature_cache": feature_cache})
+    cfg = ClassifyConfig(**{**options, "data": str(FULL_DATA / "vehicles"), "feature_cache": feature_cache,
+                            "extra_share": extra_share})
     if cfg.epochs:
         raise SystemExit("the shipped recipe trains its backbone (epochs > 0): a refit is not a matter of seconds")
     return cfg
@@ -58,7 +60,7 @@ def curve(recipe: Recipe, fitted: Images, pool: Images, classes: tuple[str, ...]
                                     for c in range(len(classes))])
             rest = np.setdiff1d(np.arange(len(pool.y)), drawn)
             tick = time.perf_counter()
-            recipe.fit(fitted + pool.subset(drawn), generator)
+            recipe.fit(fitted.with_extra(pool.subset(drawn), recipe.cfg.extra_share), generator)
             refit_seconds = time.perf_counter() - tick
             per_draw.append({"seed": seed, **scores(recipe, pool.subset(rest), classes),
                              "k0_accuracy": float(baseline[rest].mean()), "refit_seconds": refit_seconds})
@@ -68,8 +70,8 @@ def curve(recipe: Recipe, fitted: Images, pool: Images, classes: tuple[str, ...]
     return rows
 
 
-def measure(ks: list[int], draws: int, feature_cache: str) -> dict:
-    cfg = shipped_recipe(feature_cache)
+def measure(ks: list[int], draws: int, feature_cache: str, extra_share: float) -> dict:
+    cfg = shipped_recipe(feature_cache, extra_share)
     device = resolve_device("cpu")
     split = split_vehicles(cfg.data, cfg.test_fraction, cfg.split, cfg.seed)
     classes = split.classes
@@ -98,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20], help="labelled images drawn per class")
     parser.add_argument("--draws", type=int, default=5, help="seeded draws per k")
+    parser.add_argument("--share", type=float, default=ClassifyConfig.extra_share,
+                        help="the share of the fit the drawn images carry (--extra-share)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--feature-cache", default=ClassifyConfig.feature_cache, help="the recipe's feature cache")
     args = parser.parse_args()
@@ -105,7 +109,7 @@ def main() -> None:
         raise SystemExit(f"needs the full course data and vehicles-other in {FULL_DATA}")
     torch.set_num_threads(args.threads)
     result = {"date": utc_now(), "command": command_line("benchmarks.adaptation"), "machine": machine(),
-              **measure(args.ks, args.draws, args.feature_cache)}
+              **measure(args.ks, args.draws, args.feature_cache, args.share)}
     print(format_table(result))
     print("saved", save_result("adaptation", result))
 

@@ -232,9 +232,40 @@ def test_extra_data_joins_the_fitted_part_and_is_logged(tmp_path, mlflow_store, 
     result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-2, val_fraction=0.0,
                                           extra_data=str(other_sources), feature_cache=str(tmp_path / "features")))
     run = mlflow.get_run(result.run_id)
-    assert run.data.params["data.extra"] == "9"
+    assert run.data.params["data.extra"] == "9" and run.data.params["extra_share"] == "0.5"
     extra = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/extra.txt").splitlines()
     assert len(extra) == 9 and all("other" in path for path in extra)
+
+
+def test_extra_images_carry_their_share_of_the_fit():
+    from training.engine import Images
+
+    def part(n, label):
+        return Images([SAMPLE] * n, torch.zeros(n, 3, 4, 4, dtype=torch.uint8), torch.full((n,), label))
+
+    course, extra = part(30, 1), part(6, 0)
+    fitted = course.with_extra(extra, 0.5)
+    assert fitted.weight[:30].tolist() == [1.0] * 30 and torch.allclose(fitted.weight[30:], torch.full((6,), 5.0))
+    assert float(course.with_extra(extra, 0.25).weight[30:].sum()) == pytest.approx(10.0)  # a quarter of the total
+    assert course.with_extra(part(0, 0), 0.5) is course
+    assert fitted.subset([0, 31]).weight.tolist() == [1.0, 5.0]
+    with pytest.raises(ValueError, match="--extra-share must be between 0 and 1"):
+        course.with_extra(extra, 1.0)
+
+
+def test_a_weighted_probe_is_the_probe_on_images_repeated_that_often():
+    from training.engine import fit_linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(2, 12, 5, generator=generator), torch.arange(12) % 3
+    weights = torch.tensor([3.0, 2.0] + [1.0] * 10)
+    repeated = [0, 0, 0, 1, 1] + list(range(2, 12))
+    weighted, plain = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    fit_linear_probe(weighted, features, labels, 0.1, torch.device("cpu"), weights)
+    fit_linear_probe(plain, features[:, repeated], labels[repeated], 0.1, torch.device("cpu"))
+    torch.testing.assert_close(weighted.weight, plain.weight, atol=5e-3, rtol=0)  # L-BFGS stops near the optimum
+    fit_linear_probe(plain, features, labels, 0.1, torch.device("cpu"))  # unweighted: another fit
+    assert (weighted.weight - plain.weight).abs().max() > 1e-2
 
 
 def test_a_signal_while_a_failed_run_is_ended_leaves_it_failed(mlflow_store, monkeypatch, installed_interrupts):

@@ -53,6 +53,8 @@ class ClassifyConfig:
                                  "every fold): accuracy, per class and per file-name prefix (web_, crop_); never fitted")
     extra_data: str = opt(None, "a {bus,car,truck}/ folder of labelled images of your own camera, added to the fitted "
                                 "part (after any lighting balance); with --epochs 0 the head refits in seconds")
+    extra_share: float = opt(0.5, "the share of the linear probe's fit that the --extra-data images carry together "
+                                  "(0.5: as much as the course images; training epochs see every image alike)")
     calibrate: bool = opt(True, "with --cv: fit a temperature on the out-of-fold predictions (minimum NLL); it divides "
                                 "the logits inside the model, so the exported probabilities carry it")
     score_test: bool = opt(True, "score the test split at the end; --no-score-test keeps recipe-choosing runs blind "

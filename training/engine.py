@@ -125,18 +125,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, 
 
 
 def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, l2: float,
-                     device: torch.device) -> None:
+                     device: torch.device, weights: torch.Tensor | None = None) -> None:
     """Fit the final linear layer as an L2-regularised logistic regression on frozen features.
 
     The standard linear-probe protocol for pretrained backbones: ``features`` are what the final
     layer sees for every training image and its mirror image (``features.head_inputs``, (2, N, D)),
-    and full-batch L-BFGS minimises mean cross-entropy + l2/2 * ||W||^2 (around the model's fixed
-    ``logit_offset``, if it has one: the larger l2, the closer to that prior). Frozen pretrained features
+    and full-batch L-BFGS minimises the mean cross-entropy (weighted by ``weights``, one per image, if
+    given) + l2/2 * ||W||^2 (around the model's fixed ``logit_offset``, if it has one: the larger l2,
+    the closer to that prior). Frozen pretrained features
     keep what makes them robust to distribution shift; fine-tuning them on a small set is what
     distorts them.
     """
     head = final_linear(model)
     features, targets = features.reshape(-1, features.shape[-1]).to(device), labels.repeat(len(features)).to(device)
+    weights = (torch.ones(len(labels)) if weights is None else weights).repeat(len(targets) // len(labels)).to(device)
     with torch.no_grad():
         offset = logit_offset(model, features)
     weight, bias = head.weight, head.bias
@@ -144,7 +146,8 @@ def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Ten
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(features @ weight.T + bias + offset, targets) + l2 / 2 * weight.square().sum()
+        loss = (weights * F.cross_entropy(features @ weight.T + bias + offset, targets, reduction="none")).sum() \
+            / weights.sum() + l2 / 2 * weight.square().sum()
         loss.backward()
         return loss
 
@@ -223,11 +226,17 @@ class ClassifyResult:
 
 @dataclass
 class Images:
-    """Decoded, stretched images of one part of a run, with their files and labels."""
+    """Decoded, stretched images of one part of a run, with their files, labels and the weight each
+    image has in a linear probe's fit (1 unless ``with_extra`` set it)."""
 
     samples: list[Sample]
     x: torch.Tensor
     y: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = torch.ones(len(self.y))
 
     @classmethod
     def load(cls, samples: list[Sample], size: int) -> "Images":
@@ -236,10 +245,22 @@ class Images:
 
     def subset(self, index) -> "Images":
         index = list(index)
-        return Images([self.samples[i] for i in index], self.x[index], self.y[index])
+        return Images([self.samples[i] for i in index], self.x[index], self.y[index], self.weight[index])
 
     def __add__(self, other: "Images") -> "Images":
-        return Images(self.samples + other.samples, torch.cat([self.x, other.x]), torch.cat([self.y, other.y]))
+        return Images(self.samples + other.samples, torch.cat([self.x, other.x]), torch.cat([self.y, other.y]),
+                      torch.cat([self.weight, other.weight]))
+
+    def with_extra(self, extra: "Images", share: float) -> "Images":
+        """These images plus ``extra`` (the user's own camera), which carry ``share`` of the probe's fit:
+        a few dozen images of the camera the model will serve would otherwise count for little beside a
+        thousand course images (share 0.5: as much as all of these together)."""
+        if not extra.samples:
+            return self
+        if not 0 < share < 1:
+            raise ValueError(f"--extra-share must be between 0 and 1 (exclusive), got {share}")
+        total = share / (1 - share) * float(self.weight.sum())
+        return self + Images(extra.samples, extra.x, extra.y, torch.full((len(extra.y),), total / len(extra.y)))
 
 
 class Recipe:
@@ -276,7 +297,7 @@ class Recipe:
         keeps its per-epoch logging and checkpoints in ``train_classifier``)."""
         self.model.load_state_dict(self.initial)
         if self.cfg.linear_probe_l2 > 0:
-            fit_linear_probe(self.model, self.features(part), part.y, self.cfg.linear_probe_l2, self.device)
+            fit_linear_probe(self.model, self.features(part), part.y, self.cfg.linear_probe_l2, self.device, part.weight)
         if self.cfg.epochs:
             loader = DataLoader(TensorDataset(part.x, part.y), batch_size=self.cfg.batch_size, shuffle=True,
                                 drop_last=len(part.y) > self.cfg.batch_size, generator=generator)
@@ -305,7 +326,8 @@ def cross_validate(recipe: Recipe, course: Images, extra: Images, other: Images 
     rows = []
     for i, held in enumerate(blocked_folds(course.samples, folds, len(classes))):
         held_out = set(held)
-        fitted = recipe.balanced(course.subset(j for j in range(len(course.y)) if j not in held_out)) + extra
+        fitted = recipe.balanced(course.subset(j for j in range(len(course.y)) if j not in held_out)).with_extra(
+            extra, recipe.cfg.extra_share)
         with tracking.tracked_run(recipe.cfg.experiment, f"fold {i + 1} of {folds}", nested=True,
                                   tags={"task": "classify", "net": recipe.cfg.net, "cv_fold": str(i + 1)}):
             mlflow.log_params({"fold": i + 1, "folds": folds, "fitted_images": len(fitted.y), "held_out": len(held)})
@@ -355,7 +377,7 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
     recipe = Recipe(cfg, model, device, len(classes))
     fitted = recipe.balanced(course)
     dropped = sorted({s.path for s in course.samples} - {s.path for s in fitted.samples})
-    fitted = fitted + extra
+    fitted = fitted.with_extra(extra, cfg.extra_share)
     train_x, train_y = fitted.x, fitted.y
     # One seeded order per epoch, rank r taking every W-th sample of it: the same global batches at any
     # process count (the tail of the epoch that would make a short batch is left out)
@@ -398,7 +420,7 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
             model.load_state_dict(recipe.initial)
         if cfg.linear_probe_l2 > 0 and start_epoch == 0:
             tick = time.perf_counter()
-            fit_linear_probe(model, recipe.features(fitted), train_y, cfg.linear_probe_l2, device)
+            fit_linear_probe(model, recipe.features(fitted), train_y, cfg.linear_probe_l2, device, fitted.weight)
             probe = {"probe_seconds": time.perf_counter() - tick}
             for name, part in (("test", test), ("val", val)):
                 if part is not None:
