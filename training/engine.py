@@ -132,9 +132,8 @@ def fit_linear_probe(model: nn.Module, features: torch.Tensor, labels: torch.Ten
     layer sees for every training image and its mirror image (``features.head_inputs``, (2, N, D)),
     and full-batch L-BFGS minimises the mean cross-entropy (weighted by ``weights``, one per image, if
     given) + l2/2 * ||W||^2 (around the model's fixed ``logit_offset``, if it has one: the larger l2,
-    the closer to that prior). Frozen pretrained features
-    keep what makes them robust to distribution shift; fine-tuning them on a small set is what
-    distorts them.
+    the closer to that prior). Frozen pretrained features keep what makes them robust to distribution
+    shift; fine-tuning them on a small set is what distorts them.
     """
     head = final_linear(model)
     features, targets = features.reshape(-1, features.shape[-1]).to(device), labels.repeat(len(features)).to(device)
