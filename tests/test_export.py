@@ -54,6 +54,27 @@ def test_export_of_an_unknown_run_names_it(tmp_path, mlflow_store):
         export_classifier("0123abcd", tmp_path)
 
 
+def test_an_export_with_no_score_test_never_reads_the_test_split(tmp_path, mlflow_store):
+    """Its parity check runs on training images and its JSON has no test metrics: here every test-split
+    file is unreadable, and the export still succeeds."""
+    import shutil
+
+    from training.data.vehicles import split_vehicles
+
+    run = train_classifier(tiny_config(tmp_path, val_fraction=0.0))
+    data = tmp_path / "vehicles"
+    shutil.copytree(SAMPLE / "vehicles", data)
+    for sample in split_vehicles(data).test:
+        sample.path.write_bytes(b"not an image: " + sample.path.name.encode())  # distinct bytes, no duplicates
+    contract = json.loads(export_classifier(run.run_id, tmp_path / "models", data=str(data), register=False,
+                                            score_test=False).read_text())
+    assert contract["metrics"] == {}
+    assert contract["parity"]["split"] == "train" and contract["parity"]["images"] == len(split_vehicles(data).train)
+    assert contract["parity"]["max_abs_probability_difference"] <= 1e-4
+    with pytest.raises(Exception, match="cannot decode"):
+        export_classifier(run.run_id, tmp_path / "scored", data=str(data), register=False)
+
+
 SHIPPED = sorted((REPO / "models").glob("*.json"))
 
 

@@ -132,7 +132,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.task == "classify":
         json_path = export.export_classifier(args.run, Path(args.out), data=args.data, alias=args.alias,
-                                             register=args.register, validate_on=args.validate_on)
+                                             register=args.register, validate_on=args.validate_on,
+                                             score_test=args.score_test)
+    elif not args.score_test:
+        raise ValueError("--no-score-test is for classifier exports: a dehazer's export scores its test pairs")
     else:
         json_path = export.export_dehazer(args.run, Path(args.out), data=args.data, alias=args.alias, register=args.register)
     contract = json.loads(json_path.read_text())
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="dataset for the parity check and metrics (default: the run's own)")
     export.add_argument("--validate-on", help="classify: a {bus,car,truck}/ folder of other-source images scored on "
                                               "the ONNX file for the JSON's selection figures (default: the run's own)")
+    export.add_argument("--score-test", action=argparse.BooleanOptionalAction, default=True,
+                        help="classify: score the test split into the JSON's metrics (the chosen recipe's one "
+                             "scoring); --no-score-test checks parity on training images and scores nothing")
     export.add_argument("--alias", default="champion", help="registered-model alias to point at the export")
     export.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
                         help="log the ONNX model to the run and register it in MLflow")

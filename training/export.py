@@ -32,6 +32,7 @@ SCHEMA = "roadsight.model/1"
 REGISTERED_NAMES = {"classify": "vehicle-classifier", "dehaze": "dehazer"}
 FILE_STEMS = {"classify": "vehicle_classifier", "dehaze": "dehazer"}
 PROBABILITY_TOLERANCE = 1e-4
+PARITY_TRAINING_IMAGES = 256  # the parity check's images when the test split is not to be scored
 DEHAZE_PARITY_PSNR_DB = 50.0
 
 
@@ -144,13 +145,16 @@ class _Probabilities(nn.Module):
 
 
 def export_classifier(source: str, out_dir: Path, data: str | None = None, alias: str | None = "champion",
-                      register: bool = True, validate_on: str | None = None) -> Path:
+                      register: bool = True, validate_on: str | None = None, score_test: bool = True) -> Path:
     """Export a classification run to ``out_dir/vehicle_classifier.onnx`` + ``.json``.
 
     ``data`` (the vehicle folder; default: the run's own) supplies the real test images for the
-    parity check and the metrics recorded in the JSON. The JSON's ``selection`` holds what the recipe
-    was chosen on: the run's blocked-CV and calibration figures and, scored on the ONNX file, every
-    image of ``validate_on`` (default: the run's own ``--validate-on``, if any).
+    parity check and the metrics recorded in the JSON; with ``score_test`` False the parity check runs
+    on training images and the JSON records no test metrics, so a candidate (or a model adapted to a
+    user's camera) is exported without a look at the test split, which stays for the recipe chosen.
+    The JSON's ``selection`` holds what the recipe was chosen on: the run's blocked-CV and calibration
+    figures and, scored on the ONNX file, every image of ``validate_on`` (default: the run's own
+    ``--validate-on``, if any).
     """
     from .data.vehicles import load_images, split_vehicles
     from .evaluate import evaluate_classifier_onnx
@@ -166,7 +170,8 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
 
     data = data or cfg["data"]
     split = split_vehicles(data, cfg["test_fraction"], cfg["split"], cfg["seed"])
-    images, _ = load_images(split.test, (size, size))
+    checked = "test" if score_test else "train"
+    images, _ = load_images(split.test if score_test else split.train[:PARITY_TRAINING_IMAGES], (size, size))
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "vehicle_classifier.onnx"
@@ -179,8 +184,8 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
         worst = float(np.abs(got - expected).max())
         if worst > PROBABILITY_TOLERANCE:
             raise ExportError(f"ONNX probabilities differ from torch by {worst:.2e} > {PROBABILITY_TOLERANCE} "
-                              f"on {len(images)} test images")
-        log.info("parity: max |onnx - torch| = %.2e over %d test images", worst, len(images))
+                              f"on {len(images)} {checked} images")
+        log.info("parity: max |onnx - torch| = %.2e over %d %s images", worst, len(images), checked)
         target = out_dir / staged.name
         target.write_bytes(staged.read_bytes())
     metadata = {
@@ -188,7 +193,7 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
         "input": {"name": "images", "dtype": "uint8", "layout": "NCHW", "color": "RGB", "height": size, "width": size,
                   "resize": "stretch", "filter": "bilinear"},
         "output": {"name": "probabilities", "dtype": "float32", "kind": "softmax"},
-        "parity": {"max_abs_probability_difference": worst, "images": len(images)},
+        "parity": {"max_abs_probability_difference": worst, "images": len(images), "split": checked},
         "source": {"mlflow_run_id": ckpt.run_id, "net": cfg["net"], "net_options": cfg.get("net_options") or {},
                    "training_config": cfg},
     }
@@ -197,8 +202,8 @@ def export_classifier(source: str, out_dir: Path, data: str | None = None, alias
                  if k.startswith(("cv_", "other_", "temperature"))}
     if selection:
         metadata["selection"] = {"run_metrics": dict(sorted(selection.items()))}
-    json_path = finish_export(target, metadata, lambda path: evaluate_classifier_onnx(path, data, cfg["test_fraction"]),
-                              ckpt.run_id, alias, register)
+    score = (lambda path: evaluate_classifier_onnx(path, data, cfg["test_fraction"])) if score_test else (lambda path: {})
+    json_path = finish_export(target, metadata, score, ckpt.run_id, alias, register)
     if validate_on:
         contract = json.loads(json_path.read_text())
         contract.setdefault("selection", {})["other_source"] = {
