@@ -228,11 +228,14 @@ def test_cross_validation_of_a_trained_recipe_trains_every_fold(tmp_path, mlflow
     assert float(result.model.temperature) == 1.0
 
 
-def test_extra_data_joins_the_fitted_part_and_is_logged(tmp_path, mlflow_store, other_sources):
-    result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-2, val_fraction=0.0,
+def test_extra_data_joins_the_fitted_part_and_every_fold_and_is_logged(tmp_path, mlflow_store, other_sources):
+    result = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=1e-2, val_fraction=0.0, cv="blocked:2",
                                           extra_data=str(other_sources), feature_cache=str(tmp_path / "features")))
     run = mlflow.get_run(result.run_id)
     assert run.data.params["data.extra"] == "9" and run.data.params["extra_share"] == "0.5"
+    folds = [r for r in mlflow.search_runs(experiment_names=["test-classify"], output_format="list")
+             if r.data.tags.get("mlflow.parentRunId") == result.run_id]
+    assert sorted(int(r.data.params["fitted_images"]) + int(r.data.params["held_out"]) for r in folds) == [30 + 9] * 2
     extra = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/extra.txt").splitlines()
     assert len(extra) == 9 and all("other" in path for path in extra)
 
