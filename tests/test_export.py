@@ -75,6 +75,13 @@ def test_an_export_with_no_score_test_never_reads_the_test_split(tmp_path, mlflo
         export_classifier(run.run_id, tmp_path / "scored", data=str(data), register=False)
 
 
+def test_no_score_test_is_refused_for_a_dehazer_export(capsys):
+    from training.cli import main
+
+    assert main(["export", "dehaze", "--run", "0123abcd", "--no-score-test"]) == 2
+    assert "--no-score-test is for classifier exports" in capsys.readouterr().err
+
+
 SHIPPED = sorted((REPO / "models").glob("*.json"))
 
 
