@@ -378,12 +378,12 @@ def session_pool(model: LoadedModel, runs: int, threads: int, max_run_cost: int 
     are bounded, so that it holds no memory between lone requests). Runs side by side, arena bounds
     and the solo session are a CPU layout (a GPU runs one model's work at a time, in its own memory):
     on a GPU a pool takes one run and has no solo session."""
-    if (runs > 1 or max_run_cost is not None) and model.provider != "CPUExecutionProvider":
+    on_cpu = model.provider == "CPUExecutionProvider"
+    if (runs > 1 or max_run_cost is not None) and not on_cpu:
         raise ModelError(f"{model.onnx_path.name} runs on {model.provider}: one pooled run at a time there")
     copies = [create_session(model.onnx_path, model.task, threads, "cpu")[0] for _ in range(runs - 1)]
     spill = (None if max_run_cost is None
              else create_session(model.onnx_path, model.task, threads, "cpu", arena=False)[0])
-    on_cpu = model.provider == "CPUExecutionProvider"
     solo = (create_session(model.onnx_path, model.task, solo_threads, "cpu", arena=max_run_cost is None)[0]
             if on_cpu and solo_threads and solo_threads > threads else None)
     return SessionPool(model, [model.session, *copies], max_run_cost, spill, solo)
