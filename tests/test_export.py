@@ -7,8 +7,9 @@ import pytest
 
 from conftest import REPO, SAMPLE, tiny_config
 from training.evaluate import evaluate_onnx
-from training.export import ExportError, export_classifier, resolve_run_id, sha256_of
+from training.export import ExportError, export_classifier, sha256_of
 from training.engine import train_classifier
+from training.tracking import resolve_run_id
 
 
 @pytest.fixture

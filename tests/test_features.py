@@ -104,6 +104,32 @@ def test_the_imagenet_prior_head_adds_the_grouped_imagenet_evidence_and_a_probe_
     assert torch.nn.functional.cross_entropy(head_logits(model, features[0]), labels) < prior_loss - 0.1
 
 
+def test_a_stack_of_backbones_fits_one_head_on_their_features_side_by_side_around_their_averaged_priors():
+    import torch.nn.functional as F
+
+    from training.engine import fit_linear_probe
+
+    _, images = _sample(64)
+    stack = build_classifier("efficientnet_lite_stack", 3, (64, 64), "centered", imagenet_prior=1.0, variants=[0, 1]).eval()
+    singles = [build_classifier(f"efficientnet_lite{v}", 3, (64, 64), "centered", imagenet_prior=1.0).eval() for v in (0, 1)]
+    cpu = torch.device("cpu")
+    features = head_inputs(stack, images, cpu)
+    # each backbone sees the image at its own ImageNet size (224, 240 px), resized in the graph
+    alone = [head_inputs(net, F.interpolate(images.float(), size=(size, size), mode="bilinear"), cpu)
+             for net, size in zip(singles, (224, 240))]
+    torch.testing.assert_close(features, torch.cat(alone, dim=-1), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(head_logits(stack, features[0]), stack(images), rtol=1e-4, atol=1e-4)
+        averaged = sum(net.backbone.classifier.logit_offset(f[0]) for net, f in zip(singles, alone)) / 2
+        torch.testing.assert_close(stack.backbone.classifier.logit_offset(features[0]), averaged, rtol=1e-4, atol=1e-4)
+    labels = torch.arange(10) % 3
+    fit_linear_probe(stack, features, labels, l2=1e-3, device=cpu)
+    assert (head_logits(stack, features[0]).argmax(1) == labels).all()
+    for variants in ([0], [1, 1], [0, 3]):
+        with pytest.raises(ValueError, match="two or more different ones"):
+            build_classifier("efficientnet_lite_stack", 3, (64, 64), "centered", variants=variants)
+
+
 def test_fine_tuning_leaves_the_imagenet_prior_as_imagenet_trained_it():
     from training.engine import freeze_all_but_head
 

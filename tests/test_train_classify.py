@@ -285,3 +285,49 @@ def test_a_signal_while_a_failed_run_is_ended_leaves_it_failed(mlflow_store, mon
             raise RuntimeError("peer failed")
     (run,) = mlflow.search_runs(experiment_names=["test-signal-at-end"], output_format="list")
     assert run.info.status == "FAILED"
+
+
+def test_compare_pairs_two_runs_image_by_image_out_of_fold_and_on_other_sources(tmp_path, mlflow_store, other_sources,
+                                                                                 capsys):
+    from training import cli
+    from training.tracking import load_predictions
+
+    probe = dict(epochs=0, val_fraction=0.0, cv="blocked:2", validate_on=str(other_sources), score_test=False)
+    weak = train_classifier(tiny_config(tmp_path, linear_probe_l2=100.0, **probe)).run_id
+    strong = train_classifier(tiny_config(tmp_path, linear_probe_l2=0.01, **probe)).run_id
+    out_of_fold = load_predictions(strong, "cv_out_of_fold")
+    assert len(out_of_fold) == 30 and all(image.split("/")[0] == label for image, (label, _) in out_of_fold.items())
+    assert len(load_predictions(strong, "other")) == 9
+
+    assert cli.main(["compare", weak, strong, "--json"]) == 0
+    rows = {row["set"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"cv_out_of_fold", "other"}
+    cv = rows["cv_out_of_fold"]
+    assert cv["images"] == 30 and cv["only_in_a"] == cv["only_in_b"] == 0
+    strong_right = sum(label == predicted for label, predicted in out_of_fold.values())
+    assert cv["accuracy_b"] == pytest.approx(strong_right / 30)
+    assert cv["accuracy_b"] - cv["accuracy_a"] == pytest.approx((cv["right_only_by_b"] - cv["right_only_by_a"]) / 30)
+    assert 0 < cv["mcnemar_p"] <= 1 and cv["verdict"].endswith(".")
+
+    assert cli.main(["compare", strong, strong]) == 0
+    assert capsys.readouterr().out.count("are right on the same images") == 2
+
+    plain = train_classifier(tiny_config(tmp_path, epochs=0, linear_probe_l2=0.01, val_fraction=0.0)).run_id
+    assert cli.main(["compare", plain, strong]) == 2
+    error = capsys.readouterr().err
+    assert f"run {plain} has no predictions/cv_out_of_fold.csv" in error and "predictions/other.csv" in error
+
+
+def test_mcnemar_counts_only_the_images_one_model_gets_right():
+    from training.stats import images_verdict, paired_images
+
+    both, neither = [True] * 100, [False] * 10
+    paired = paired_images([True] * 23 + [False] * 9 + both + neither, [False] * 23 + [True] * 9 + both + neither)
+    assert (paired.n, paired.only_a, paired.only_b) == (142, 23, 9)
+    assert paired.p == pytest.approx(0.0201, abs=1e-4)  # 2 x P(Binomial(32, 1/2) <= 9)
+    assert images_verdict("A", "B", paired, "x").startswith("A beats B on x: +0.099")
+    assert images_verdict("B", "A", paired_images([True] * 9 + [False] * 23, [False] * 9 + [True] * 23), "x").startswith("B trails A")
+    close = paired_images([True] * 6 + [False] * 4, [False] * 6 + [True] * 4)
+    assert close.p == pytest.approx(0.754, abs=1e-3) and images_verdict("A", "B", close, "x").startswith("No measurable")
+    with pytest.raises(ValueError, match="same images"):
+        paired_images([True], [True, False])

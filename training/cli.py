@@ -152,6 +152,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs
+
+    rows = compare_runs(args.run_a, args.run_b)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"A = {args.run_a}, B = {args.run_b}")
+        for row in rows:
+            unpaired = f" ({row['only_in_a']} images only in A's, {row['only_in_b']} only in B's: left out)" \
+                if row["only_in_a"] or row["only_in_b"] else ""
+            print(f"{row['verdict']}{unpaired}")
+    return 0
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import run_study
 
@@ -219,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="classify: score every image of DATA's {bus,car,truck}/ (images from other sources, "
                                "per file-name prefix too) instead of the tail split")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    compare = commands.add_parser("compare", help="pair two classifier runs image by image (out of fold, other "
+                                                  "sources): exact McNemar test of the images one gets right")
+    compare.add_argument("run_a", help="MLflow run id, runs:/<id> or models:/name@alias")
+    compare.add_argument("run_b", help="the same, for the run to compare against")
+    compare.add_argument("--json", action="store_true", help="print the figures as JSON")
+    compare.set_defaults(handler=cmd_compare)
 
     from .experiments import STUDIES
 

@@ -339,6 +339,8 @@ def cross_validate(recipe: Recipe, course: Images, extra: Images, other: Images 
                                         [source_group(s.path) for s in other.samples]))
             mlflow.log_metrics(row)
         rows.append(row)
+    tracking.log_predictions("cv_out_of_fold", [s.path for s in course.samples], course.y.tolist(),
+                             out_of_fold.argmax(1).tolist(), classes)
     summary = {}
     for key in ("cv_accuracy", "cv_macro_f1", "other_accuracy", "other_macro_f1"):
         values = [row[key] for row in rows if key in row]
@@ -456,8 +458,11 @@ def train_classifier(cfg: ClassifyConfig, nested: bool = False) -> ClassifyResul
         if out_of_fold is not None and cfg.calibrate:
             final.update(calibrate(evaluated, recipe, out_of_fold, course.y, other))
         if other is not None:
-            final.update(score_logits(recipe.logits(other, evaluated), other.y, classes, "other",
-                                      [source_group(s.path) for s in other.samples]))
+            other_logits = recipe.logits(other, evaluated)
+            final.update(score_logits(other_logits, other.y, classes, "other", [source_group(s.path) for s in other.samples]))
+            if processes.is_main:
+                tracking.log_predictions("other", [s.path for s in other.samples], other.y.tolist(),
+                                         other_logits.argmax(1).tolist(), classes)
         predictions = None
         if test is not None:
             scores, predictions = evaluate(evaluated, test.x, test.y, classes, device)

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from .tracking import disable_telemetry
+from .tracking import disable_telemetry, resolve_run_id
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,6 @@ class RunCheckpoint:
     run_id: str
     config: dict
     weights: dict[str, torch.Tensor]
-
-
-def resolve_run_id(source: str) -> str:
-    """A run id from a run id, ``runs:/<id>/...`` or a registered ``models:/name@alias|version`` URI."""
-    if source.startswith("runs:/"):
-        return source.split("/")[1]
-    if source.startswith("models:/"):
-        name, _, ref = source[len("models:/"):].partition("@")
-        client = mlflow.MlflowClient()
-        if ref:
-            version = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = name.partition("/")
-            version = client.get_model_version(name, number)
-        return version.run_id
-    return source
 
 
 def load_run_checkpoint(source: str) -> RunCheckpoint:

@@ -3,7 +3,7 @@ decides whether one setting beats another (paired by seed: same split, data orde
 
 A comparison is a claim only when the paired difference's interval excludes zero; otherwise the
 wording is "no measurable difference at n = ..." with the interval, so conclusions never outrun
-the noise.
+the noise. Two fitted models scored on the same images pair by image instead (``paired_images``).
 """
 from __future__ import annotations
 
@@ -87,3 +87,42 @@ def verdict(name_a: str, name_b: str, difference: Interval, what: str, digits: i
 def is_claim(line: str) -> bool:
     """Whether a verdict line states a difference beyond the noise."""
     return " beats " in line or " trails " in line
+
+
+@dataclass(frozen=True)
+class PairedImages:
+    """Two models scored on the same images: the images only one of them gets right, and the exact
+    McNemar test on those (the images both get right, or both wrong, say nothing of which is better)."""
+
+    n: int
+    accuracy_a: float
+    accuracy_b: float
+    only_a: int
+    only_b: int
+    p: float
+
+    def text(self, name_a: str, name_b: str) -> str:
+        return (f"{name_a} {self.accuracy_a:.3f}, {name_b} {self.accuracy_b:.3f} on {self.n} images; "
+                f"right only by {name_a}: {self.only_a}, only by {name_b}: {self.only_b}; exact McNemar p = {self.p:.3g}")
+
+
+def paired_images(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> PairedImages:
+    """``PairedImages`` of two models' per-image correctness, in the same image order."""
+    if len(a_correct) != len(b_correct) or not len(a_correct):
+        raise ValueError(f"need the same images, at least one, for both models: got {len(a_correct)} and {len(b_correct)}")
+    only_a = sum(bool(a) and not b for a, b in zip(a_correct, b_correct))
+    only_b = sum(bool(b) and not a for a, b in zip(a_correct, b_correct))
+    discordant = only_a + only_b
+    p = scipy_stats.binomtest(only_a, discordant, 0.5).pvalue if discordant else 1.0
+    n = len(a_correct)
+    return PairedImages(n, sum(map(bool, a_correct)) / n, sum(map(bool, b_correct)) / n, only_a, only_b, min(1.0, float(p)))
+
+
+def images_verdict(name_a: str, name_b: str, paired: PairedImages, what: str, alpha: float = 1 - CONFIDENCE) -> str:
+    """One sentence on a per-image comparison, a claim only when McNemar's p is below ``alpha``."""
+    numbers = f"{_signed(paired.accuracy_a - paired.accuracy_b, 3)} ({paired.text(name_a, name_b)})"
+    if paired.only_a == paired.only_b == 0:
+        return f"{name_a} and {name_b} are right on the same images of {what} (all {paired.n}: no difference to test)."
+    if paired.p < alpha:
+        return f"{name_a} {'beats' if paired.only_a > paired.only_b else 'trails'} {name_b} on {what}: {numbers}."
+    return f"{NO_DIFFERENCE} between {name_a} and {name_b} on {what}: {numbers}."

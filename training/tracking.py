@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import matplotlib
@@ -55,6 +56,46 @@ def tracked_run(experiment: str, run_name: str | None = None, run_id: str | None
         raise
     with interrupts.deferred():
         mlflow.end_run("FINISHED")
+
+
+def resolve_run_id(source: str) -> str:
+    """A run id from a run id, ``runs:/<id>/...`` or a registered ``models:/name@alias|version`` URI."""
+    if source.startswith("runs:/"):
+        return source.split("/")[1]
+    if source.startswith("models:/"):
+        name, _, ref = source[len("models:/"):].partition("@")
+        client = mlflow.MlflowClient()
+        if ref:
+            version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            version = client.get_model_version(name, number)
+        return version.run_id
+    return source
+
+
+# Per-image predictions of the selection protocol's scorings, what `roadsight compare` pairs two runs on.
+PREDICTION_SETS = {"cv_out_of_fold": "blocked-CV out of fold", "other": "other sources"}
+
+
+def log_predictions(name: str, paths: Sequence, labels: Sequence[int], predicted: Sequence[int],
+                    classes: Sequence[str]) -> None:
+    """``predictions/<name>.csv``: one row per image, keyed by its class folder and file name (the
+    same image wherever a user keeps the data), with the label and the prediction."""
+    rows = ["image,label,predicted"] + [f"{Path(p).parent.name}/{Path(p).name},{classes[y]},{classes[q]}"
+                                        for p, y, q in zip(paths, labels, predicted)]
+    mlflow.log_text("\n".join(rows) + "\n", f"predictions/{name}.csv")
+
+
+def load_predictions(run_id: str, name: str) -> dict[str, tuple[str, str]]:
+    """``log_predictions``'s rows of a run: image -> (label, predicted)."""
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/predictions/{name}.csv")
+    except Exception as exc:  # MLflow raises several types for unknown runs and missing artifacts
+        raise ValueError(f"run {run_id} has no predictions/{name}.csv in {mlflow.get_tracking_uri()} (runs log it "
+                         f"with --cv and --validate-on respectively): {exc}") from exc
+    rows = [line.split(",") for line in text.splitlines()[1:] if line]
+    return {image: (label, predicted) for image, label, predicted in rows}
 
 
 def log_params(params: dict[str, object]) -> None:
