@@ -15,6 +15,17 @@ def sample_data(name: str) -> str:
     return str(SAMPLE / ("dehaze" if STUDIES[name].task == "dehaze" else "vehicles"))
 
 
+def other_sources_sample(root):
+    """A stand-in for vehicles-other: every fourth sample image per class, renamed web_* and crop_*."""
+    import shutil
+
+    for c in ("bus", "car", "truck"):
+        (root / c).mkdir(parents=True)
+        for i, f in enumerate(sorted((SAMPLE / "vehicles" / c).glob("*.jpg"))[::4]):
+            shutil.copy(f, root / c / f"{'web' if i % 2 else 'crop'}_{c}_{i:03d}.jpg")
+    return root
+
+
 def children(parent: str):
     return mlflow.search_runs(experiment_names=[STUDY_EXPERIMENT], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
 
@@ -113,7 +124,8 @@ def quick_studies(tmp_path_factory) -> dict[str, str]:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(root)  # artifacts land in root/mlruns
         mlflow.set_tracking_uri(uri)
-        yield {name: run_study(name, sample_data(name), quick=True) for name in STUDIES}
+        other = other_sources_sample(root / "other")
+        yield {name: run_study(name, sample_data(name), quick=True, validate_on=str(other)) for name in STUDIES}
         mlflow.set_tracking_uri(None)
 
 
@@ -155,6 +167,27 @@ def test_dehaze_study_pairs_the_methods_per_test_image(quick_studies):
     assert f"of {len(pairs)} images" in conclusion
 
 
+def test_recipes_study_decides_on_cv_and_other_sources_and_never_scores_the_test_split(quick_studies, tmp_path):
+    parent = quick_studies["recipes"]
+    rows = rows_of(parent)
+    runs = [mlflow.get_run(r["run_id"]) for r in rows]
+    assert all("cv_accuracy" in r.data.metrics and "other_accuracy" in r.data.metrics for r in runs)
+    assert not any(k.startswith("test_") for r in runs for k in r.data.metrics)
+    assert {r.data.params["net"] for r in runs} == {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                                                    "efficientnet_lite_stack"}
+    lines = mlflow.artifacts.load_text(f"runs:/{parent}/study/conclusion.md").splitlines()
+    shipped = STUDIES["recipes"].settings[0][0]
+    assert len(lines) == 8 + 7 * 2  # a summary per recipe, then two paired verdicts for each against the shipped one
+    assert all("blocked CV" in line and "other sources" in line for line in lines[:8])
+    for label, _ in STUDIES["recipes"].settings[1:]:
+        verdicts = [line for line in lines[8:] if line.removeprefix("- ").startswith(label)
+                    or line.startswith(f"- No measurable difference between {label} and")
+                    or line.startswith(f"- {label} and {shipped}")]
+        assert len(verdicts) == 2 and all("exact McNemar" in v or "same images" in v for v in verdicts)
+    with pytest.raises(ValueError, match="is not a folder"):
+        run_study("recipes", sample_data("recipes"), quick=True, validate_on=str(tmp_path / "missing"))
+
+
 def test_handwritten_study_measures_agreement_and_time(quick_studies):
     m = mlflow.get_run(quick_studies["handwritten-conv"]).data.metrics
     assert m["forward_max_abs_diff"] < 1e-4 and m["weight_grad_max_rel_diff"] < 1e-5
@@ -167,7 +200,8 @@ def test_report_from_a_store_with_studies(tmp_path, quick_studies):
     text = index.read_text()
     assert "rates 1,2,5 (HDC)" in text and "receptive field 17 px" in text
     assert "in-distribution accuracy" in text and "tail-split night accuracy" in text
-    assert all((tmp_path / "report" / f"{name}.png").stat().st_size > 1000 for name in STUDIES)
+    assert all((tmp_path / "report" / f"{name}.png").stat().st_size > 1000 for name in STUDIES if STUDIES[name].curves)
+    assert "blocked CV (worst fold)" in text and "the test split is never scored" in text
     # the dehaze section shows hazy | output | clear grids of the dehazer and DCP runs
     assert 'src="dehaze-1.jpg"' in text and 'src="dehaze-2.jpg"' in text and "sd per image" in text
     assert Image.open(tmp_path / "report" / "dehaze-1.jpg").width <= 720

@@ -170,7 +170,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import run_study
 
-    run_id = run_study(args.name, args.data, quick=args.quick, epochs=args.epochs, seeds=args.seeds, threads=args.threads)
+    run_id = run_study(args.name, args.data, quick=args.quick, epochs=args.epochs, seeds=args.seeds, threads=args.threads,
+                       validate_on=args.validate_on)
     print(f"study {args.name}: MLflow parent run {run_id} (experiment lab-studies)")
     return 0
 
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--epochs", type=int, help="override the study's epochs")
     experiment.add_argument("--seeds", type=int, help="seeds 1..N per setting and split (default: the study's, 3 or 5)")
     experiment.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    experiment.add_argument("--validate-on", help="recipes: the {bus,car,truck}/ folder of other-source photos every "
+                                                  "recipe is scored on (default: vehicles-other beside the data)")
     experiment.set_defaults(handler=cmd_experiment)
 
     report = commands.add_parser("report", help="build the lab report (HTML + Markdown) from the MLflow store")

@@ -12,9 +12,10 @@ from .stats import images_verdict, paired_images
 from .tracking import PREDICTION_SETS, load_predictions, resolve_run_id
 
 
-def compare_runs(run_a: str, run_b: str) -> list[dict]:
+def compare_runs(run_a: str, run_b: str, names: tuple[str, str] = ("A", "B")) -> list[dict]:
     """One entry per prediction set both runs logged: the images paired (those both scored, with the
-    same label), each run's accuracy on them, the discordant counts, McNemar's p and the verdict."""
+    same label), each run's accuracy on them, the discordant counts, McNemar's p and the verdict
+    (the runs called ``names``)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files a run: no bars
     ids = resolve_run_id(run_a), resolve_run_id(run_b)
     rows, missing = [], []
@@ -32,7 +33,7 @@ def compare_runs(run_a: str, run_b: str) -> list[dict]:
                      "only_in_b": len(b) - len(shared), "accuracy_a": paired.accuracy_a,
                      "accuracy_b": paired.accuracy_b, "right_only_by_a": paired.only_a,
                      "right_only_by_b": paired.only_b, "mcnemar_p": paired.p,
-                     "verdict": images_verdict("A", "B", paired, what)})
+                     "verdict": images_verdict(*names, paired, what)})
     if not rows:
         raise ValueError(f"runs {run_a} and {run_b} have no set of per-image predictions in common; "
                          + "; ".join(missing))

@@ -1,5 +1,6 @@
 """The lab's studies, one command each: an MLflow parent run per study, one child run per setting,
-seed and test split.
+seed and test split; and ``recipes``, the shipped classifier's selection protocol (blocked CV and
+other-source photos, the test split never scored), one child run per recipe.
 
 Every classifier setting is trained with n seeds on two splits of the course images: a seeded
 random split with the lab's per-class test proportions (in-distribution: where architectures can
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from mlflow.entities import Metric, RunTag
 
 from . import tracking
+from .compare import compare_runs
 from .config import ClassifyConfig, DehazeBaselineConfig, DehazeConfig
 from .data.vehicles import load_images, split_vehicles
 from .dehaze_engine import run_baselines, train_dehazer
@@ -63,6 +65,10 @@ MEASURES = {("random", "test_accuracy"): "in-distribution accuracy",
             ("tail", "train_accuracy"): "training accuracy (tail split's training part)",
             ("tail", "train_loss"): "final training loss (tail split's training part; lower is better)"}
 ACCURACIES = (("random", "test_accuracy"), ("tail", "test_accuracy"))
+# What the selection protocol decides on (README, "The shipped classifier"), per recipe
+SELECTION_METRICS = ("cv_accuracy", "cv_accuracy_std", "cv_accuracy_min", "other_accuracy", "other_web_accuracy",
+                     "other_crop_accuracy")
+RULE_MARGIN = 0.02  # a recipe replaces the shipped one when min(CV mean, other sources) gains this much
 
 
 @dataclass
@@ -77,7 +83,7 @@ class Study:
     # (split, per-epoch metric) panels the report draws as mean and band over seeds
     curves: tuple[tuple[str, str], ...] = (("tail", "train_loss"), ("random", "test_accuracy"), ("tail", "test_accuracy"))
     seeds: int = 5  # 5 where a run takes under a minute, else 3
-    splits: tuple[str, ...] = ("random", "tail")
+    splits: tuple[str, ...] = ("random", "tail")  # "select": the tail split's training part only, never its test
 
     @property
     def default_data(self) -> str:
@@ -164,6 +170,21 @@ def _conclude_robustness(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _conclude_recipes(rows: list[dict]) -> str:
+    """Per recipe the two decision figures and their minimum against the shipped recipe's (the rule), then
+    each recipe against the shipped one image by image (exact McNemar on each figure's images)."""
+    shipped = rows[0]
+    floor = lambda r: min(r["cv_accuracy"], r["other_accuracy"])  # noqa: E731
+    lines = [f"- {r['setting']}: blocked CV {r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f} (worst fold "
+             f"{r['cv_accuracy_min']:.3f}), other sources {r['other_accuracy']:.3f} (web {r['other_web_accuracy']:.3f}, "
+             f"crop {r['other_crop_accuracy']:.3f}); the lower of the two {floor(r):.3f}"
+             + ("." if r is shipped else f", {floor(r) - floor(shipped):+.3f} against the shipped recipe's (the rule "
+                f"asks {RULE_MARGIN:+.2f}).") for r in rows]
+    for row in rows[1:]:
+        lines += ["- " + c["verdict"] for c in compare_runs(row["run_id"], shipped["run_id"], (row["setting"], shipped["setting"]))]
+    return "\n".join(lines)
+
+
 def _per_image(rows: list[dict], setting: str) -> dict[str, float]:
     """Per test pair PSNR of ``setting``, averaged over its seeds."""
     mine = [r["per_image_psnr"] for r in rows if r["setting"] == setting]
@@ -222,6 +243,8 @@ def measure_handwritten(cfg: ClassifyConfig) -> dict[str, float]:
 HYPERPARAMS_BASE = "base: depth=3, kernel=3, batch=64, lr=2e-3"
 HALF_WIDTH = {"width": 32}  # ResNet-18's layout at half its channels: a quarter of the multiply-adds, the same 18 layers
 
+LITE_STACK = "efficientnet_lite_stack"
+
 STUDIES: dict[str, Study] = {s.name: s for s in [
     Study("handwritten-conv", "Does the hand-written convolution match nn.Conv2d, and what does it cost?",
           [("hand_cnn", {"net": "hand_cnn"}), ("cnn (nn.Conv2d)", {"net": "cnn"})],
@@ -268,6 +291,21 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
                             "head's bus/car/truck prior, lighting-balanced",
                  "unbalanced": "keeps the training part's night shots, all buses and trucks",
                  "naive": "no night augmentation; the per-image, night-augmented ResNet-18 is resnet-vs-plain's resnet18"}),
+    Study("recipes", "Which classifier recipe holds up beyond the course's cameras? (blocked CV on the training part and "
+                     "photos from other sources; the test split is never scored)",
+          [("shipped (Lite0 + ImageNet prior)", SHIPPED_RECIPE),
+           ("no prior, L2 0.01", SHIPPED_RECIPE | {"net_options": {}, "linear_probe_l2": 0.01}),
+           ("not lighting-balanced", SHIPPED_RECIPE | {"balance_lighting": False}),
+           ("prior weight 0.5, L2 0.3", SHIPPED_RECIPE | {"net_options": {"imagenet_prior": 0.5}, "linear_probe_l2": 0.3}),
+           ("Lite1 (240 px)", SHIPPED_RECIPE | {"net": "efficientnet_lite1", "image_size": 240}),
+           ("Lite2 (260 px)", SHIPPED_RECIPE | {"net": "efficientnet_lite2", "image_size": 260}),
+           ("stack Lite0 + Lite1 (240 px)", SHIPPED_RECIPE | {"net": LITE_STACK, "image_size": 240,
+                                                                     "net_options": {"imagenet_prior": 1.0, "variants": [0, 1]}}),
+           ("stack Lite0 + Lite1 + Lite2 (260 px)", SHIPPED_RECIPE | {
+               "net": LITE_STACK, "image_size": 260, "net_options": {"imagenet_prior": 1.0, "variants": [0, 1, 2]}})],
+          _conclude_recipes, task="select", curves=(), seeds=1, splits=("tail",),
+          notes={"shipped": "models/vehicle_classifier.onnx; every other recipe changes it where its name says",
+                 "stack": "one probe on the backbones' features side by side, their ImageNet priors averaged"}),
 ]}
 
 
@@ -339,7 +377,28 @@ def classify_row(run_id: str) -> dict:
     return row
 
 
-def classify_rows(study: Study, base: dict, data: str, seeds: int, quick: bool) -> list[dict]:
+def select_rows(study: Study, base: dict, data: str, seeds: int, quick: bool, validate_on: str | None) -> list[dict]:
+    """Cross-validate and fit (or reuse) each recipe once on the training part, scored on ``validate_on``
+    (default: ``vehicles-other`` beside ``data``), as child runs: their decision figures, one row each."""
+    other = Path(validate_on or Path(data).expanduser().parent / "vehicles-other")
+    if not other.is_dir():
+        raise ValueError(f"study {study.name} scores every recipe on photos from other sources: {other} is not a "
+                         "folder (pass --validate-on DIR with {bus,car,truck}/ inside)")
+    rows = []
+    for label, overrides in study.settings:
+        recipe = base | overrides | ({"image_size": 64} if quick else {})
+        cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, log_model=False, split="tail", validate_on=str(other),
+                             cv="blocked:2" if quick else "blocked:5", score_test=False,
+                             run_name=f"{study.name}: {label}", **recipe)
+        run_id, reused = tracked_child(cfg, lambda c: train_classifier(c, nested=True).run_id,
+                                       {"study": study.name, "setting": label, "seed": 0, "split": "tail"})
+        metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+        rows.append({"setting": label, "seed": 0, "split": "tail", "run_id": run_id, "reused": reused,
+                     **{k: metrics[k] for k in (*SELECTION_METRICS, "total_seconds", "cpu_seconds") if k in metrics}})
+    return rows
+
+
+def classify_rows(study: Study, base: dict, data: str, seeds: int, quick: bool, validate_on: str | None) -> list[dict]:
     """Train (or reuse) one classifier per seed, setting and split, as child runs; one row each.
     Seeds outermost, so an interrupted study already holds complete pairs."""
     rows = []
@@ -367,7 +426,7 @@ def per_image_psnr(run_id: str, column: str) -> dict[str, float]:
     return {fields[0]: float(fields[index]) for fields in (line.split("\t") for line in lines[1:])}
 
 
-def dehaze_rows(study: Study, base: dict, data: str, seeds: int, quick: bool) -> list[dict]:
+def dehaze_rows(study: Study, base: dict, data: str, seeds: int, quick: bool, validate_on: str | None) -> list[dict]:
     """The dehazer per seed and the baselines (deterministic, once) as child runs; a row per method
     with its per-image PSNR."""
     client = mlflow.MlflowClient()
@@ -399,13 +458,15 @@ def study_options(study: Study, quick: bool) -> dict:
     if study.task == "dehaze":
         return (dict(epochs=1, crop_size=32, crops_per_image=1, eval_subset=1, net_options={"width": 8}) if quick
                 else {"epochs": DEHAZE_EPOCHS})
+    if study.task == "select":
+        return {}  # each recipe is spelled out in full
     if quick:
         return LAB_SETTING | dict(image_size=48, epochs=1, batch_size=16)  # 48 px: the unpadded dilated net needs it
     return dict(LAB_SETTING)
 
 
 def run_study(name: str, data: str | None = None, quick: bool = False, epochs: int | None = None,
-              seeds: int | None = None, threads: int = 0) -> str:
+              seeds: int | None = None, threads: int = 0, validate_on: str | None = None) -> str:
     """Run every setting x seed x split of study ``name`` as nested runs, reusing finished ones
     (data: the study's dataset folder, by default the course's beside the checkout); return the
     parent run id."""
@@ -414,12 +475,12 @@ def run_study(name: str, data: str | None = None, quick: bool = False, epochs: i
     study = STUDIES[name]
     n = seeds or (1 if quick else study.seeds)
     base = study_options(study, quick) | ({"epochs": epochs} if epochs else {}) | ({"threads": threads} if threads else {})
-    run_settings = dehaze_rows if study.task == "dehaze" else classify_rows
+    run_settings = {"dehaze": dehaze_rows, "select": select_rows}.get(study.task, classify_rows)
     with tracking.tracked_run(STUDY_EXPERIMENT, run_name=name,
                               tags={"study": name, "quick": str(quick), **provenance()}) as parent:
         tracking.log_params({"study": name, "question": study.question, "quick": quick, "seeds": n,
                              "splits": list(study.splits), **base})
-        rows = run_settings(study, base, data or study.default_data, n, quick)
+        rows = run_settings(study, base, data or study.default_data, n, quick, validate_on)
         mlflow.log_dict({"rows": rows, "notes": study.notes}, "study/rows.json")
         mlflow.log_text(study.conclude(rows), "study/conclusion.md")
     return parent.info.run_id

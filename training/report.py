@@ -29,6 +29,10 @@ CURVE_TITLES = {("tail", "train_loss"): "training loss (tail split's training pa
                 ("tail", "eval_psnr"): "PSNR on the evaluated test pairs (dB)"}
 PROVENANCE_TAGS = ("commit", "cpu", "cores")
 CAPTIONS = {"classify": "Cells: mean ± sd [95% t-interval] over seeds; curves: mean over seeds with a ± 1 sd band.",
+            "select": "Each recipe fitted once on the tail split's training part (a frozen backbone and an L-BFGS head: no "
+                      "seeds to repeat): blocked 5-fold CV on that part (mean ± sd over folds, worst fold) and accuracy on "
+                      "photos from other sources; the test split is never scored. Comparisons pair the recipes image by "
+                      "image (exact McNemar).",
             "dehaze": "PSNR per whole test image at full resolution, 8-bit output: mean, spread and range over the "
                       "test pairs; curves: mean over seeds with a ± 1 sd band."}
 GRID_WIDTH = 720  # px: comparison grids are photos, kept small as JPEG in the committed report
@@ -111,6 +115,17 @@ def classify_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], 
     return header, table
 
 
+def select_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Per recipe, the selection protocol's figures."""
+    header = ["recipe", "blocked CV (worst fold)", "other sources", "web / crop", "the lower of the two",
+              "s per run (CPU s)", "note"]
+    table = [[r["setting"], f"{r['cv_accuracy']:.3f} ± {r['cv_accuracy_std']:.3f} ({r['cv_accuracy_min']:.3f})",
+              f"{r['other_accuracy']:.3f}", f"{r['other_web_accuracy']:.3f} / {r['other_crop_accuracy']:.3f}",
+              f"{min(r['cv_accuracy'], r['other_accuracy']):.3f}", _seconds(rows, r["setting"]), _note(notes, r["setting"])]
+             for r in rows]
+    return header, table
+
+
 def dehaze_table(rows: list[dict], notes: dict[str, str]) -> tuple[list[str], list[list[str]]]:
     """Per method, the PSNR spread over test images (averaged over seeds) and the mean SSIM."""
     header = ["method", "PSNR mean (dB)", "sd per image", "median", "range", "SSIM", "s (CPU s)", "note"]
@@ -180,8 +195,8 @@ def build_report(out_dir: str | Path) -> Path:
         params = {k: v for k, v in run.data.params.items() if k not in ("question", "study")}
         settings = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
         splits = "; ".join(f"{s}: {SPLITS[s]}" for s in study.splits)
-        header, table = (dehaze_table if study.task == "dehaze" else classify_table)(rows, study.notes)
-        image = _curves(client, study, rows, out)
+        header, table = {"dehaze": dehaze_table, "select": select_table}.get(study.task, classify_table)(rows, study.notes)
+        image = _curves(client, study, rows, out) if study.curves else None
         grids = _comparison_grids(client, rows, out, name)
         reused = sum(r["reused"] for r in rows)
         meta = (f"Settings: {settings}. Splits ({splits}). Parent run `{run.info.run_id}` (quick: "
@@ -190,7 +205,7 @@ def build_report(out_dir: str | Path) -> Path:
         extra = dict(run.data.metrics)
         md += [meta, "", CAPTIONS[study.task], "",
                "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-               *("| " + " | ".join(r) + " |" for r in table), "", f"![{name} curves]({image})", "",
+               *("| " + " | ".join(r) + " |" for r in table), "", *([f"![{name} curves]({image})", ""] if image else []),
                *(f"![{name}: hazy | output | clear]({g})" for g in grids), "",
                "**Conclusions.**", "", conclusion, ""]
         if extra:
@@ -198,7 +213,7 @@ def build_report(out_dir: str | Path) -> Path:
         body += [f"<p>{html.escape(meta)}</p>", f"<p>{html.escape(CAPTIONS[study.task])}</p>",
                  "<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>",
                  *("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table), "</table>",
-                 f'<p><img src="{image}" alt="{html.escape(name)} curves"></p>',
+                 *([f'<p><img src="{image}" alt="{html.escape(name)} curves"></p>'] if image else []),
                  *(f'<p><img src="{g}" alt="{html.escape(name)}: hazy | output | clear"></p>' for g in grids),
                  "<p><strong>Conclusions.</strong></p><ul>"
                  + "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in conclusion.splitlines())

@@ -101,9 +101,9 @@ class PairedImages:
     only_b: int
     p: float
 
-    def text(self, name_a: str, name_b: str) -> str:
-        return (f"{name_a} {self.accuracy_a:.3f}, {name_b} {self.accuracy_b:.3f} on {self.n} images; "
-                f"right only by {name_a}: {self.only_a}, only by {name_b}: {self.only_b}; exact McNemar p = {self.p:.3g}")
+    def text(self) -> str:
+        return (f"{self.accuracy_a:.3f} vs {self.accuracy_b:.3f} on {self.n} images; {self.only_a} right only by the "
+                f"first, {self.only_b} only by the second; exact McNemar p = {self.p:.3g}")
 
 
 def paired_images(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> PairedImages:
@@ -120,9 +120,9 @@ def paired_images(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paire
 
 def images_verdict(name_a: str, name_b: str, paired: PairedImages, what: str, alpha: float = 1 - CONFIDENCE) -> str:
     """One sentence on a per-image comparison, a claim only when McNemar's p is below ``alpha``."""
-    numbers = f"{_signed(paired.accuracy_a - paired.accuracy_b, 3)} ({paired.text(name_a, name_b)})"
+    numbers = f"{_signed(paired.accuracy_a - paired.accuracy_b, 3)} ({paired.text()})"
     if paired.only_a == paired.only_b == 0:
         return f"{name_a} and {name_b} are right on the same images of {what} (all {paired.n}: no difference to test)."
     if paired.p < alpha:
         return f"{name_a} {'beats' if paired.only_a > paired.only_b else 'trails'} {name_b} on {what}: {numbers}."
-    return f"{NO_DIFFERENCE} between {name_a} and {name_b} on {what}: {numbers}."
+    return f"{NO_DIFFERENCE} between {name_a} and {name_b} on {what} at n = {paired.n} images: {numbers}."
