@@ -184,8 +184,10 @@ def test_recipes_study_decides_on_cv_and_other_sources_and_never_scores_the_test
                     or line.startswith(f"- No measurable difference between {label} and")
                     or line.startswith(f"- {label} and {shipped}")]
         assert len(verdicts) == 2 and all("exact McNemar" in v or "same images" in v for v in verdicts)
-    with pytest.raises(ValueError, match="is not a folder"):
+    before = len(mlflow.search_runs(experiment_names=[STUDY_EXPERIMENT]))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'missing'} is not a folder"):
         run_study("recipes", sample_data("recipes"), quick=True, validate_on=str(tmp_path / "missing"))
+    assert len(mlflow.search_runs(experiment_names=[STUDY_EXPERIMENT])) == before  # refused before any run
 
 
 def test_handwritten_study_measures_agreement_and_time(quick_studies):

@@ -377,17 +377,23 @@ def classify_row(run_id: str) -> dict:
     return row
 
 
-def select_rows(study: Study, base: dict, data: str, seeds: int, quick: bool, validate_on: str | None) -> list[dict]:
-    """Cross-validate and fit (or reuse) each recipe once on the training part, scored on ``validate_on``
-    (default: ``vehicles-other`` beside ``data``), as child runs: their decision figures, one row each."""
+def other_sources(study: Study, data: str, validate_on: str | None) -> str:
+    """The folder of other-source photos a ``select`` study scores every recipe on: ``validate_on``, by
+    default ``vehicles-other`` beside ``data``; checked before any run starts."""
     other = Path(validate_on or Path(data).expanduser().parent / "vehicles-other")
     if not other.is_dir():
         raise ValueError(f"study {study.name} scores every recipe on photos from other sources: {other} is not a "
                          "folder (pass --validate-on DIR with {bus,car,truck}/ inside)")
+    return str(other)
+
+
+def select_rows(study: Study, base: dict, data: str, seeds: int, quick: bool, validate_on: str | None) -> list[dict]:
+    """Cross-validate and fit (or reuse) each recipe once on the training part, scored on ``validate_on``
+    (``other_sources``), as child runs: their decision figures, one row each."""
     rows = []
     for label, overrides in study.settings:
         recipe = base | overrides | ({"image_size": 64} if quick else {})
-        cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, log_model=False, split="tail", validate_on=str(other),
+        cfg = ClassifyConfig(data=data, experiment=STUDY_EXPERIMENT, log_model=False, split="tail", validate_on=validate_on,
                              cv="blocked:2" if quick else "blocked:5", score_test=False,
                              run_name=f"{study.name}: {label}", **recipe)
         run_id, reused = tracked_child(cfg, lambda c: train_classifier(c, nested=True).run_id,
@@ -475,12 +481,15 @@ def run_study(name: str, data: str | None = None, quick: bool = False, epochs: i
     study = STUDIES[name]
     n = seeds or (1 if quick else study.seeds)
     base = study_options(study, quick) | ({"epochs": epochs} if epochs else {}) | ({"threads": threads} if threads else {})
+    data = data or study.default_data
+    if study.task == "select":
+        validate_on = other_sources(study, data, validate_on)
     run_settings = {"dehaze": dehaze_rows, "select": select_rows}.get(study.task, classify_rows)
     with tracking.tracked_run(STUDY_EXPERIMENT, run_name=name,
                               tags={"study": name, "quick": str(quick), **provenance()}) as parent:
         tracking.log_params({"study": name, "question": study.question, "quick": quick, "seeds": n,
                              "splits": list(study.splits), **base})
-        rows = run_settings(study, base, data or study.default_data, n, quick, validate_on)
+        rows = run_settings(study, base, data, n, quick, validate_on)
         mlflow.log_dict({"rows": rows, "notes": study.notes}, "study/rows.json")
         mlflow.log_text(study.conclude(rows), "study/conclusion.md")
     return parent.info.run_id
