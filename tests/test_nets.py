@@ -67,3 +67,12 @@ def test_equalize_normalisation_ignores_order_preserving_exposure_and_colour_cas
     norm = InputNormalization("equalize")
     torch.testing.assert_close(norm(x), norm(y))
     assert abs(norm(x).mean().item()) < 1e-5 and abs(norm(x).std().item() - 1) < 0.05
+
+
+def test_the_nets_command_lists_every_network_in_aligned_columns(capsys):
+    from training import cli
+
+    assert cli.main(["nets", "--image-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == list_models()
+    assert len({line.index(f" {line.split()[1]} ") for line in lines}) == 1  # the task column starts in one place

@@ -76,12 +76,13 @@ def config_from_args(config_cls, args: argparse.Namespace):
 def cmd_nets(args: argparse.Namespace) -> int:
     from .nets import build_classifier, count_parameters, get_model, list_models, model_options, model_task
 
-    print(f"{'network':<14}{'task':<10}{'parameters':>12}  options")
+    width = max(map(len, list_models())) + 2
+    print(f"{'network':<{width}}{'task':<10}{'parameters':>12}  options")
     for name in list_models():
         task = model_task(name)
         model = build_classifier(name, 3, (args.image_size, args.image_size)) if task == "classify" else get_model(name)
         options = ", ".join(f"{k}={v}" for k, v in model_options(name).items() if k not in ("num_classes", "image_size"))
-        print(f"{name:<14}{task:<10}{count_parameters(model):>12,}  {options}")
+        print(f"{name:<{width}}{task:<10}{count_parameters(model):>12,}  {options}")
     return 0
 
 
