@@ -318,6 +318,15 @@ def test_compare_pairs_two_runs_image_by_image_out_of_fold_and_on_other_sources(
     assert f"run {plain} has no predictions/cv_out_of_fold.csv" in error and "predictions/other.csv" in error
 
 
+def test_predictions_keep_a_file_name_with_a_comma_or_quote(mlflow_store):
+    from training.tracking import load_predictions, log_predictions
+
+    with tracking.tracked_run("test-predictions") as run:
+        log_predictions("other", ["/photos/bus/my bus, \"front\".jpg", "/x/car/b.jpg"], [0, 1], [2, 1], ("bus", "car", "truck"))
+    assert load_predictions(run.info.run_id, "other") == {'bus/my bus, "front".jpg': ("bus", "truck"),
+                                                          "car/b.jpg": ("car", "car")}
+
+
 def test_mcnemar_counts_only_the_images_one_model_gets_right():
     from training.stats import images_verdict, paired_images
 

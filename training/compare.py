@@ -19,7 +19,7 @@ def compare_runs(run_a: str, run_b: str, names: tuple[str, str] = ("A", "B")) ->
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files a run: no bars
     ids = resolve_run_id(run_a), resolve_run_id(run_b)
     rows, missing = [], []
-    for name, what in PREDICTION_SETS.items():
+    for name, (what, _) in PREDICTION_SETS.items():
         try:
             a, b = (load_predictions(run_id, name) for run_id in ids)
         except ValueError as exc:

@@ -7,6 +7,8 @@ the same directory reads; so runs started from the repo root show up there with 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import time
 from pathlib import Path
@@ -74,17 +76,21 @@ def resolve_run_id(source: str) -> str:
     return source
 
 
-# Per-image predictions of the selection protocol's scorings, what `roadsight compare` pairs two runs on.
-PREDICTION_SETS = {"cv_out_of_fold": "blocked-CV out of fold", "other": "other sources"}
+# Per-image predictions of the selection protocol's scorings, what `roadsight compare` pairs two runs on:
+# file stem -> (what they score, the option that makes a run log them)
+PREDICTION_SETS = {"cv_out_of_fold": ("blocked-CV out of fold", "--cv"), "other": ("other sources", "--validate-on")}
 
 
 def log_predictions(name: str, paths: Sequence, labels: Sequence[int], predicted: Sequence[int],
                     classes: Sequence[str]) -> None:
     """``predictions/<name>.csv``: one row per image, keyed by its class folder and file name (the
     same image wherever a user keeps the data), with the label and the prediction."""
-    rows = ["image,label,predicted"] + [f"{Path(p).parent.name}/{Path(p).name},{classes[y]},{classes[q]}"
-                                        for p, y, q in zip(paths, labels, predicted)]
-    mlflow.log_text("\n".join(rows) + "\n", f"predictions/{name}.csv")
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes a user's file name with a comma in it
+    writer.writerow(["image", "label", "predicted"])
+    writer.writerows([f"{Path(p).parent.name}/{Path(p).name}", classes[y], classes[q]]
+                     for p, y, q in zip(paths, labels, predicted))
+    mlflow.log_text(table.getvalue(), f"predictions/{name}.csv")
 
 
 def load_predictions(run_id: str, name: str) -> dict[str, tuple[str, str]]:
@@ -92,10 +98,9 @@ def load_predictions(run_id: str, name: str) -> dict[str, tuple[str, str]]:
     try:
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/predictions/{name}.csv")
     except Exception as exc:  # MLflow raises several types for unknown runs and missing artifacts
-        raise ValueError(f"run {run_id} has no predictions/{name}.csv in {mlflow.get_tracking_uri()} (runs log it "
-                         f"with --cv and --validate-on respectively): {exc}") from exc
-    rows = [line.split(",") for line in text.splitlines()[1:] if line]
-    return {image: (label, predicted) for image, label, predicted in rows}
+        raise ValueError(f"run {run_id} has no predictions/{name}.csv in {mlflow.get_tracking_uri()} (a run logs it "
+                         f"with {PREDICTION_SETS[name][1]}): {exc}") from exc
+    return {image: (label, predicted) for image, label, predicted in list(csv.reader(io.StringIO(text)))[1:]}
 
 
 def log_params(params: dict[str, object]) -> None:
